@@ -1,0 +1,1 @@
+"""micro_diffusion: diffusion transformers trained from scratch on a micro-budget."""

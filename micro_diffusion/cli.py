@@ -1,0 +1,41 @@
+"""The `micro-diffusion` command: one sub-command per job, each implemented by its own module.
+
+Every sub-command module exposes `main(argv: list[str] | None) -> None` with its own argparse parser, so
+`micro-diffusion <command> --help` documents the options where they are defined. Modules are imported
+lazily: `micro-diffusion convert` does not pay for importing Composer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "convert": ("micro_diffusion.data.convert", "source -> raw MDS shards"),
+    "precompute": ("micro_diffusion.data.precompute", "raw MDS -> latent MDS (VAE + text encoder)"),
+    "generate": ("micro_diffusion.generate", "sample images from a checkpoint"),
+    "eval": ("micro_diffusion.eval.cli", "generate samples and compute metrics into a JSON report"),
+    "demo": ("micro_diffusion.demo", "the end-to-end demo on built-in data"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: micro-diffusion <command> [options]", "", "commands:"]
+    lines += [f"  {name:<12} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        raise SystemExit(f"micro-diffusion: unknown command {command!r}\n\n{_usage()}")
+    module = importlib.import_module(COMMANDS[command][0])
+    module.main(rest)
+
+
+if __name__ == "__main__":
+    main()

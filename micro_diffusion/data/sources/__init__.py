@@ -1,0 +1,1 @@
+"""Readers yielding (image, caption, label) records."""

@@ -1,0 +1,1 @@
+"""Frozen encoders: images <-> latents (vae.py) and captions -> token states (text.py)."""

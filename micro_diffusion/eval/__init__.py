@@ -1,0 +1,1 @@
+"""Evaluation: feature extractors, Frechet distance, KID, CLIP score, shapes score."""

@@ -1,0 +1,1 @@
+"""Networks: MicroDiT (dit.py), its layers (layers.py), autoencoders, and the Composer wrapper (model.py)."""

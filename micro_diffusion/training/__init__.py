@@ -1,0 +1,1 @@
+"""Composer-side training pieces: callbacks and optimiser/schedule construction."""
