@@ -11,8 +11,9 @@ Text-encoder fixtures return a `TinyTextEncoder`; pass its `name` to
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ TINY_OPENCLIP_CONFIG = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
 TINY_T5_WORDS = ["a", "an", "the", "photo", "of", "cat", "dog", "red", "blue", "car", "on", "road"]
+Model = TypeVar("Model")
 
 
 class TinyTextEncoder(NamedTuple):
@@ -41,6 +43,13 @@ class TinyTextEncoder(NamedTuple):
     width: int
 
 
+def _seeded(build: Callable[[], Model]) -> Model:
+    """build() with seed 0, leaving the global RNG state the tests see untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build()
+
+
 @pytest.fixture(scope="session")
 def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A diffusers AutoencoderKL folder (`save_pretrained`): 3 -> 4 latent channels, downsample factor 4.
@@ -49,8 +58,7 @@ def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     from diffusers import AutoencoderKL
 
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
+    config = dict(
         in_channels=3,
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 3,
@@ -63,6 +71,7 @@ def tiny_vae_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         scaling_factor=0.5,
         shift_factor=0.25,
     )
+    vae = _seeded(lambda: AutoencoderKL(**config))
     folder = tmp_path_factory.mktemp("tiny_vae")
     vae.save_pretrained(folder)
     return folder
@@ -84,8 +93,7 @@ def tiny_openclip_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> TinyTe
     arch_file.write_text(json.dumps(TINY_OPENCLIP_CONFIG))
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_OPENCLIP_CONFIG}))
     open_clip.add_model_config(arch_file)
-    torch.manual_seed(0)
-    clip_model = open_clip.CLIP(**TINY_OPENCLIP_CONFIG)
+    clip_model = _seeded(lambda: open_clip.CLIP(**TINY_OPENCLIP_CONFIG))
     checkpoint = folder / "open_clip_model.safetensors"
     save_file(clip_model.state_dict(), str(checkpoint))
     text_cfg = TINY_OPENCLIP_CONFIG["text_cfg"]
@@ -101,7 +109,6 @@ def tiny_hf_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> TinyTextEncode
     """
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(0)
     config = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=32,
@@ -113,7 +120,7 @@ def tiny_hf_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> TinyTextEncode
         eos_token_id=49407,
     )
     folder = tmp_path_factory.mktemp("tiny_hf_clip")
-    CLIPTextModel(config).save_pretrained(folder)
+    _seeded(lambda: CLIPTextModel(config)).save_pretrained(folder)
     return TinyTextEncoder(f"hf-clip:{folder}", folder, 77, 32)
 
 
@@ -139,12 +146,9 @@ def tiny_t5_dir(tmp_path_factory: pytest.TempPathFactory) -> TinyTextEncoder:
     """
     from transformers import T5Config, T5EncoderModel
 
-    torch.manual_seed(0)
     tokenizer = _tiny_t5_tokenizer()
-    config = T5Config(
-        vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4
-    )
+    config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
     folder = tmp_path_factory.mktemp("tiny_t5")
-    T5EncoderModel(config).save_pretrained(folder)
+    _seeded(lambda: T5EncoderModel(config)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return TinyTextEncoder(f"t5:{folder}", folder, 120, 32)

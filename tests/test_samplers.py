@@ -31,18 +31,25 @@ class GaussianMixture2D:
     )
 
     def denoise(self, x: Tensor, sigma: Tensor) -> Tensor:
-        """x: (B, 2), sigma: (B,) -> posterior mean (B, 2), computed in float64, returned in x's dtype."""
-        identity = torch.eye(2, dtype=torch.float64)
-        noisy = self.covariances + sigma.double().square()[:, None, None, None] * identity  # (B, K, 2, 2)
-        determinant = noisy[..., 0, 0] * noisy[..., 1, 1] - noisy[..., 0, 1] * noisy[..., 1, 0]  # (B, K)
-        adjugate = torch.stack([noisy[..., 1, 1], -noisy[..., 0, 1], -noisy[..., 1, 0], noisy[..., 0, 0]], -1)
-        precision = adjugate.unflatten(-1, (2, 2)) / determinant[..., None, None]  # (B, K, 2, 2)
-        offsets = x.double()[:, None, :] - self.means  # (B, K, 2)
-        whitened = (precision @ offsets.unsqueeze(-1)).squeeze(-1)  # (B, K, 2)
-        log_likelihood = -0.5 * (offsets * whitened).sum(-1) - 0.5 * determinant.log()
-        log_posterior = self.weights.log() + log_likelihood  # (B, K)
-        responsibilities = (log_posterior - log_posterior.logsumexp(dim=1, keepdim=True)).exp()
-        component_means = self.means + (self.covariances @ whitened.unsqueeze(-1)).squeeze(-1)  # (B, K, 2)
+        """x: (B, 2), sigma: (B,) -> posterior mean (B, 2), computed in float64, returned in x's dtype.
+
+        Under noise sigma, component k of the noisy data is N(mu_k, Sigma_k + sigma^2 I); its posterior mean is
+        mu_k + Sigma_k (Sigma_k + sigma^2 I)^-1 (x - mu_k), weighted by the component's posterior probability.
+        """
+        noise_variance = sigma.double().square()[:, None]  # (B, 1)
+        variance_x = self.covariances[:, 0, 0] + noise_variance  # (B, K)
+        variance_y = self.covariances[:, 1, 1] + noise_variance
+        covariance_xy = self.covariances[:, 0, 1]  # (K,)
+        determinant = variance_x * variance_y - covariance_xy.square()  # (B, K)
+        offset_x, offset_y = (x.double()[:, None, :] - self.means).unbind(-1)  # (B, K) each
+        whitened_x = (variance_y * offset_x - covariance_xy * offset_y) / determinant
+        whitened_y = (variance_x * offset_y - covariance_xy * offset_x) / determinant
+        log_posterior = (
+            self.weights.log() - 0.5 * (offset_x * whitened_x + offset_y * whitened_y) - 0.5 * determinant.log()
+        )
+        responsibilities = (log_posterior - log_posterior.logsumexp(dim=1, keepdim=True)).exp()  # (B, K)
+        whitened = torch.stack([whitened_x, whitened_y], dim=-1)  # (B, K, 2)
+        component_means = self.means + torch.einsum("kij,bkj->bki", self.covariances, whitened)
         return (responsibilities.unsqueeze(-1) * component_means).sum(1).to(x.dtype)
 
     def mean(self) -> Tensor:
@@ -62,6 +69,15 @@ class GaussianMixture2D:
 @pytest.fixture(scope="module")
 def mixture() -> GaussianMixture2D:
     return GaussianMixture2D()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_intra_op_thread():
+    """The tensors here are tiny, so intra-op threads only add synchronisation (which stalls on a busy CPU)."""
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num_threads)
 
 
 class CallRecorder:
