@@ -23,6 +23,9 @@ import torch
 # are therefore imported inside the fixtures below.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The tests run tiny models: one intra-op thread is as fast as two on them, and it keeps parallel test
+# processes (the 2-process launcher tests) from oversubscribing a 2-core CI machine.
+torch.set_num_threads(1)
 
 TINY_OPENCLIP_ARCH = "md-tiny-clip"
 TINY_OPENCLIP_CONFIG = {

@@ -1,0 +1,370 @@
+"""LatentDiffusion: MicroDiT + a frozen VAE + a frozen text encoder as a Composer model, with `generate()`.
+
+Training runs on precomputed latents (the normal path) or encodes raw images and captions on the fly. The loss
+is EDM's, averaged over the patches the DiT kept when patch masking is on. Evaluation reports the loss at fixed
+noise levels with fixed noise, so validation curves are comparable across runs and checkpoints.
+
+`create_latent_diffusion(...)` keeps the original's import path and arguments, so its usage snippet runs as
+written given local model names:
+
+    model = create_latent_diffusion(latent_res=64, in_channels=4, pos_interp_scale=2.0)
+    model.dit.load_state_dict(torch.load(ckpt, weights_only=True))
+    images = model.generate(prompt=["An elegant squirrel pirate on a ship"] * 4, num_inference_steps=30,
+                            guidance_scale=5.0, seed=2024)          # (4, 3, 512, 512) floats in [0, 1]
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+from composer.models import ComposerModel
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, Metric
+
+from micro_diffusion.diffusion.edm import (
+    EDMConfig,
+    LearnedLossWeighting,
+    edm_denoise,
+    edm_loss,
+    sample_training_sigmas,
+)
+from micro_diffusion.diffusion.samplers import (
+    edm_heun_sampler,
+    euler_sampler,
+    generators_from_seeds,
+    guided_denoiser,
+    noise_from_seeds,
+)
+from micro_diffusion.encoders.text import TextEncoder, load_text_encoder, text_encoder_format
+from micro_diffusion.encoders.vae import ImageAutoencoder, load_vae
+from micro_diffusion.models.dit import DiT, create_dit
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAMPLERS = ("heun", "euler")
+
+
+class LatentDiffusion(ComposerModel):
+    """EDM latent diffusion with a MicroDiT denoiser.
+
+    Args:
+        dit: the denoising network F.
+        vae: frozen image <-> latent map (its latent scale and shift live in it).
+        text_encoder: frozen captions -> token states; None for class-conditional models or when training only
+            on precomputed caption latents.
+        edm: sigma_data, training noise distribution and sampling schedule.
+        train_mask_ratio: fraction of patches dropped after the patch-mixer in training (0 in evaluation).
+        latent_res: latent side used by `generate`.
+        precomputed_latents: train from `image_latents` / `caption_latents` in the batch (else encode
+            `image` / `captions` on the fly).
+        dtype: autocast dtype of generation on GPU (training precision is the Trainer's `precision`).
+        learned_loss_weighting: EDM2's learned per-sigma uncertainty weighting.
+        validation_sigmas: the fixed noise levels of the validation loss.
+        validation_seed: seed of the fixed validation noise.
+        num_classes: class-conditional model (miniLDM recipe): a learned label embedder turns `label` (B,) into a
+            one-token condition (B, 1, 1, caption_channels); label dropout gives the null (all-zeros) condition.
+    Batch keys: `image_latents` (B, C, h, w), `caption_latents` (B, 1, L, C_txt), optional `drop_caption_mask`
+    (B,) with 0 = replace the caption by the null (all-zeros) embedding; or `image` (B, 3, H, W) in [-1, 1]
+    and `captions` (list of B strings) when latents are not precomputed; `label` (B,) for class-conditional models.
+    """
+
+    image_key = "image"
+    caption_key = "captions"
+    image_latents_key = "image_latents"
+    caption_latents_key = "caption_latents"
+    drop_caption_key = "drop_caption_mask"
+    label_key = "label"
+
+    def __init__(
+        self,
+        dit: DiT,
+        vae: ImageAutoencoder,
+        text_encoder: TextEncoder | None,
+        edm: EDMConfig | None = None,
+        train_mask_ratio: float = 0.0,
+        latent_res: int = 32,
+        precomputed_latents: bool = True,
+        dtype: torch.dtype = torch.bfloat16,
+        learned_loss_weighting: bool = False,
+        validation_sigmas: Sequence[float] = (0.1, 0.4, 1.0, 2.5, 8.0),
+        validation_seed: int = 0,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= train_mask_ratio < 1.0:
+            raise ValueError(f"train_mask_ratio must be in [0, 1), got {train_mask_ratio}")
+        if vae.latent_channels != dit.in_channels:
+            raise ValueError(
+                f"the VAE makes {vae.latent_channels}-channel latents but the DiT takes {dit.in_channels} channels"
+            )
+        if num_classes is not None and text_encoder is not None:
+            raise ValueError("a class-conditional model (num_classes set) takes no text encoder")
+        if text_encoder is not None and text_encoder.width != dit.caption_channels:
+            raise ValueError(
+                f"the text encoder is {text_encoder.width} wide but the DiT expects {dit.caption_channels}"
+            )
+        self.dit = dit
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.edm = edm or EDMConfig()
+        self.train_mask_ratio = train_mask_ratio
+        self.latent_res = latent_res
+        self.precomputed_latents = precomputed_latents
+        self.dtype = dtype
+        self.loss_weighting = LearnedLossWeighting() if learned_loss_weighting else None
+        self.validation_sigmas = tuple(float(s) for s in validation_sigmas)
+        self.validation_seed = validation_seed
+        self.num_classes = num_classes
+        self.label_embedder = nn.Embedding(num_classes, dit.caption_channels) if num_classes else None
+        if self.label_embedder is not None:
+            nn.init.normal_(self.label_embedder.weight, std=1.0)  # unit scale, like normalised text states
+        for frozen in (vae, text_encoder):
+            if frozen is not None:
+                frozen.requires_grad_(False)
+                frozen._fsdp_wrap = False  # Composer FSDP: shard only the DiT
+        self.dit._fsdp_wrap = True
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Inputs
+    # ----------------------------------------------------------------------------------------------------------
+
+    def _require_text_encoder(self) -> TextEncoder:
+        if self.text_encoder is None:
+            raise RuntimeError("this model was built without a text encoder; pass caption latents instead")
+        return self.text_encoder
+
+    def image_latents(self, batch: dict) -> Tensor:
+        """(B, C, h, w) float32 normalised latents from the batch, encoding images when not precomputed."""
+        if self.image_latents_key in batch:
+            return batch[self.image_latents_key].float()
+        if self.precomputed_latents:
+            raise KeyError(
+                f"precomputed_latents=True but the batch has no {self.image_latents_key!r} (keys: {sorted(batch)})"
+            )
+        return self.vae.encode(batch[self.image_key].to(self.vae.dtype)).float()
+
+    def label_condition(self, labels: Tensor) -> Tensor:
+        """Class labels (B,) -> one-token condition (B, 1, 1, caption_channels) float32."""
+        if self.label_embedder is None:
+            raise RuntimeError("this model is not class-conditional (built without num_classes)")
+        labels = torch.as_tensor(labels, device=self.label_embedder.weight.device).long()
+        if labels.min() < 0 or labels.max() >= self.num_classes:
+            raise ValueError(f"class labels must be in [0, {self.num_classes}), got {labels.tolist()}")
+        return self.label_embedder(labels).float()[:, None, None, :]
+
+    def caption_latents(self, batch: dict) -> Tensor:
+        """(B, 1, L, C_txt) float32 caption states, with dropped captions replaced by the null embedding."""
+        if self.label_embedder is not None:
+            caption = self.label_condition(batch[self.label_key])
+        elif self.caption_latents_key in batch:
+            caption = batch[self.caption_latents_key].float()
+        elif self.precomputed_latents:
+            raise KeyError(
+                f"precomputed_latents=True but the batch has no {self.caption_latents_key!r} (keys: {sorted(batch)})"
+            )
+        else:
+            states, _ = self._require_text_encoder()(list(batch[self.caption_key]))
+            caption = states.float().unsqueeze(1)
+        if caption.dim() == 3:
+            caption = caption.unsqueeze(1)
+        if self.drop_caption_key in batch:
+            caption = caption * batch[self.drop_caption_key].float().view(-1, 1, 1, 1)
+        return caption
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Loss
+    # ----------------------------------------------------------------------------------------------------------
+
+    def diffusion_loss(
+        self, latents: Tensor, caption: Tensor, sigma: Tensor, noise: Tensor, mask_ratio: float
+    ) -> Tensor:
+        """EDM loss of the denoiser at noise levels sigma (B,) with the given noise (B, C, h, w)."""
+        token_mask: list[Tensor | None] = []
+
+        def network(x_in: Tensor, c_noise: Tensor) -> Tensor:
+            out = self.dit(x_in, c_noise, caption, mask_ratio=mask_ratio)
+            token_mask.append(out["mask"])
+            return out["sample"]
+
+        denoised = edm_denoise(network, latents + noise * sigma.view(-1, 1, 1, 1), sigma, self.edm.sigma_data)
+        log_var = self.loss_weighting(sigma) if self.loss_weighting is not None else None
+        loss, _ = edm_loss(
+            denoised, latents, sigma, self.edm.sigma_data, token_mask=token_mask[0],
+            patch_size=self.dit.patch_size, log_var=log_var,
+        )
+        return loss
+
+    def forward(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+        """Training forward: (loss, latents, caption states). Masking only applies in training mode."""
+        latents = self.image_latents(batch)
+        caption = self.caption_latents(batch)
+        sigma = sample_training_sigmas(latents.shape[0], self.edm.p_mean, self.edm.p_std, device=latents.device)
+        mask_ratio = self.train_mask_ratio if self.training else 0.0
+        loss = self.diffusion_loss(latents, caption, sigma, torch.randn_like(latents), mask_ratio)
+        return loss, latents, caption
+
+    def loss(self, outputs: tuple[Tensor, Tensor, Tensor], batch: dict) -> Tensor:
+        return outputs[0]
+
+    @torch.no_grad()
+    def validation_loss(self, batch: dict) -> Tensor:
+        """Mean loss over the fixed validation sigmas with fixed noise: deterministic for a given batch."""
+        latents = self.image_latents(batch)
+        caption = self.caption_latents(batch)
+        generator = torch.Generator(device=latents.device).manual_seed(self.validation_seed)
+        losses = []
+        for sigma_value in self.validation_sigmas:
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+            sigma = torch.full((latents.shape[0],), sigma_value, device=latents.device)
+            losses.append(self.diffusion_loss(latents, caption, sigma, noise, mask_ratio=0.0))
+        return torch.stack(losses).mean()
+
+    def eval_forward(self, batch: dict, outputs: Tensor | None = None) -> Tensor:
+        return outputs if outputs is not None else self.validation_loss(batch)
+
+    def get_metrics(self, is_train: bool = False) -> dict[str, Metric]:
+        return {} if is_train else {"ValidationLoss": MeanMetric()}
+
+    def update_metric(self, batch: dict, outputs: Tensor, metric: Metric) -> None:
+        metric.update(outputs, weight=self.image_latents(batch).shape[0])
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Generation
+    # ----------------------------------------------------------------------------------------------------------
+
+    def encode_prompts(
+        self,
+        prompt: str | Sequence[str] | None,
+        tokenized_prompts: Tensor | None,
+        attention_mask: Tensor | None,
+        class_labels: Sequence[int] | Tensor | None = None,
+    ) -> Tensor:
+        """Prompts, token ids or class labels -> condition (B, 1, L, C_txt). Over-long prompts are truncated to L."""
+        if class_labels is not None:
+            return self.label_condition(class_labels)
+        encoder = self._require_text_encoder()
+        if tokenized_prompts is not None:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(tokenized_prompts)
+            states = encoder.encode(tokenized_prompts, attention_mask)
+        else:
+            if prompt is None:
+                raise ValueError("generate() needs `prompt` (a string or a list of strings) or `tokenized_prompts`")
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+                raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
+            if len(prompts) == 0:
+                raise ValueError("prompt is an empty list: nothing to generate")
+            states, _ = encoder(list(prompts))
+        return states.unsqueeze(1)
+
+    def denoiser(self, x: Tensor, sigma: Tensor, caption: Tensor) -> Tensor:
+        """D(x; sigma, caption) for the samplers: x (B, C, h, w), sigma (B,) -> denoised float32."""
+        return edm_denoise(
+            lambda x_in, c_noise: self.dit(x_in.to(caption.dtype), c_noise, caption)["sample"],
+            x, sigma, self.edm.sigma_data,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        tokenized_prompts: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        guidance_scale: float = 5.0,
+        num_inference_steps: int = 30,
+        seed: int | None = None,
+        return_only_latents: bool = False,
+        seeds: Sequence[int] | None = None,
+        sampler: str = "heun",
+        guidance_interval: tuple[float, float] | None = None,
+        progress: bool = False,
+        class_labels: Sequence[int] | Tensor | None = None,
+    ) -> Tensor:
+        """Sample images for prompts (or class labels): (B, 3, H, W) float32 in [0, 1] (or latents (B, C, h, w)).
+
+        Image i uses seed `seed + i` (or `seeds[i]`), so an image depends only on its own seed, never on the
+        batch it is generated in; seed 0 is a seed like any other. seed=None draws random seeds.
+        Guidance (scale > 1) runs conditional and null-caption predictions in one batched forward, optionally
+        only for sigmas inside `guidance_interval`. `sampler` is "heun" (EDM, 2N - 1 evaluations) or "euler".
+        """
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        device = next(self.dit.parameters()).device
+        caption = self.encode_prompts(prompt, tokenized_prompts, attention_mask, class_labels).to(device).float()
+        batch_size = caption.shape[0]
+        if seeds is None:
+            base = random.randrange(2**31) if seed is None else int(seed)
+            seeds = [base + i for i in range(batch_size)]
+        if len(seeds) != batch_size:
+            raise ValueError(f"got {len(seeds)} seeds for {batch_size} prompts")
+        shape = (self.dit.in_channels, self.latent_res, self.latent_res)
+        noise = noise_from_seeds(seeds, shape, device=device, dtype=torch.float32)
+        denoise = guided_denoiser(self.denoiser, caption, torch.zeros_like(caption), guidance_scale, guidance_interval)
+        schedule = dict(sigma_min=self.edm.sigma_min, sigma_max=self.edm.sigma_max, rho=self.edm.rho)
+        use_autocast = device.type == "cuda" and self.dtype != torch.float32
+        with torch.autocast(device.type, dtype=self.dtype, enabled=use_autocast):
+            if sampler == "heun":
+                latents = edm_heun_sampler(denoise, noise, num_inference_steps, **schedule,
+                                           generators=generators_from_seeds(seeds, device), progress=progress)
+            else:
+                latents = euler_sampler(denoise, noise, num_inference_steps, **schedule, progress=progress)
+        if return_only_latents:
+            return latents
+        images = self.vae.decode(latents.to(self.vae.dtype)).float()
+        return ((images + 1) / 2).clamp(0, 1)
+
+
+def create_latent_diffusion(
+    vae_name: str = "stabilityai/stable-diffusion-xl-base-1.0",
+    text_encoder_name: str | None = "openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378",
+    dit_arch: str = "MicroDiT_XL_2",
+    latent_res: int = 32,
+    in_channels: int = 4,
+    pos_interp_scale: float = 1.0,
+    dtype: str = "bfloat16",
+    precomputed_latents: bool = True,
+    p_mean: float = -0.6,
+    p_std: float = 1.2,
+    train_mask_ratio: float = 0.0,
+    sigma_data: float = 0.9,
+    learned_loss_weighting: bool = False,
+    load_text_encoder_weights: bool = True,
+    num_classes: int | None = None,
+    label_embedding_dim: int = 256,
+    dit_kwargs: dict | None = None,
+) -> LatentDiffusion:
+    """Build a LatentDiffusion by names, with the original's arguments and defaults (plus a few of ours).
+
+    The DiT is built with input_size = latent_res and caption_channels = the text encoder's width (from the
+    format table, without loading weights). `load_text_encoder_weights=False` skips loading the text encoder,
+    for training on precomputed caption latents only (`generate` then raises). `dit_kwargs` go to the DiT
+    constructor (e.g. `{"use_patch_mixer": False}`). Class-conditional models (the miniLDM recipe) pass
+    `num_classes` and `text_encoder_name=None`; labels are embedded to `label_embedding_dim` channels.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if (num_classes is None) == (text_encoder_name is None):
+        raise ValueError("set exactly one of text_encoder_name (text-to-image) and num_classes (class-conditional)")
+    torch_dtype = DTYPES[dtype]
+    if num_classes is None:
+        _, caption_channels = text_encoder_format(text_encoder_name)
+    else:
+        caption_channels = label_embedding_dim
+    dit = create_dit(
+        dit_arch, input_size=latent_res, in_channels=in_channels, pos_interp_scale=pos_interp_scale,
+        caption_channels=caption_channels, **(dit_kwargs or {}),
+    )
+    vae = load_vae(vae_name, dtype=torch_dtype)
+    text_encoder = None
+    if text_encoder_name is not None and load_text_encoder_weights:
+        text_encoder = load_text_encoder(text_encoder_name, dtype=torch_dtype)
+    edm = EDMConfig(sigma_data=sigma_data, p_mean=p_mean, p_std=p_std)
+    return LatentDiffusion(
+        dit, vae, text_encoder, edm=edm, train_mask_ratio=train_mask_ratio, latent_res=latent_res,
+        precomputed_latents=precomputed_latents, dtype=torch_dtype, learned_loss_weighting=learned_loss_weighting,
+        num_classes=num_classes,
+    )
