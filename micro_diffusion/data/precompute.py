@@ -1,0 +1,436 @@
+"""`micro-diffusion precompute`: raw MDS -> latent MDS, one pass of the VAE and the text encoder.
+
+Every image is converted to RGB (transparent pixels composited onto white), then for each resolution resized
+so its shorter side equals the resolution (bicubic, antialiased) and centre-cropped, mapped to [-1, 1] and
+encoded: a posterior sample (as the original) or, with `--moments`, the posterior mean and std (EDM2 style).
+Captions are encoded to (L, C) token states. Columns written: see `schema.latent_columns`.
+
+Distributed and resumable: the input is cut into fixed-size chunks of consecutive samples; chunk k goes to
+process k % world_size and is written to `<output>/chunk_<k>.partial/`, renamed to `<output>/chunk_<k>/` once
+its index.json is complete. A rerun (with any number of processes) skips complete chunks and redoes the
+others, so no sample is lost or duplicated. When every chunk is complete, rank 0 merges the chunk indexes into
+`<output>/index.json`. Launch with one process per GPU:
+
+    composer -n 8 -m micro_diffusion.cli precompute --input datadir/cc12m/mds \\
+        --output datadir/cc12m/latents --vae stabilityai/stable-diffusion-xl-base-1.0 \\
+        --text-encoder openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378
+    micro-diffusion precompute --input datadir/emoji/mds --output datadir/emoji/latents \\
+        --resolutions 32 64 --vae identity --text-encoder minilm
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import io
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from PIL import Image
+from streaming import MDSWriter
+from streaming.base.format import reader_from_json
+from streaming.base.util import merge_index
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from tqdm import tqdm
+
+from micro_diffusion.data import schema
+from micro_diffusion.data.cli_options import parse_with_config
+from micro_diffusion.encoders.text import TextEncoder, load_text_encoder
+from micro_diffusion.encoders.vae import ImageAutoencoder, load_vae
+
+SETTINGS_FILE = "precompute_settings.yaml"
+INDEX_FILE = "index.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class PrecomputeSettings:
+    """Everything that decides the content of the output; a rerun must use the same values."""
+
+    input: str
+    num_samples: int
+    resolutions: tuple[int, ...]
+    vae: str
+    text_encoder: str
+    moments: bool
+    chunk_size: int
+    seed: int
+    dtype: str
+
+
+class RawShards:
+    """Random access to the samples of a local raw MDS folder (its index.json and uncompressed shards).
+
+    `shards[i]` is the decoded row dict of global sample i (columns of `schema.RAW_COLUMNS`).
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder).expanduser()
+        index_path = self.folder / INDEX_FILE
+        if not index_path.is_file():
+            raise FileNotFoundError(
+                f"{index_path} not found: is {self.folder} a raw MDS folder from `convert`?"
+            )
+        shards = json.loads(index_path.read_text())["shards"]
+        self.readers = [reader_from_json(str(self.folder), None, shard) for shard in shards]
+        for shard, reader in zip(shards, self.readers):
+            reader.validate(allow_unsafe_types=False)
+            missing = {schema.RAW_IMAGE, schema.RAW_CAPTION} - set(reader.column_names)
+            if missing:
+                name = shard["raw_data"]["basename"]
+                raise ValueError(
+                    f"{self.folder}: shard {name} lacks column(s) {sorted(missing)}; "
+                    f"it has {reader.column_names}"
+                )
+            if not (self.folder / shard["raw_data"]["basename"]).is_file():
+                raise FileNotFoundError(
+                    f"{self.folder}: shard {shard['raw_data']['basename']} is missing (or only compressed; "
+                    "precompute reads uncompressed shards as `convert` writes them)"
+                )
+        self.offsets = np.cumsum([0] + [reader.samples for reader in self.readers]).tolist()
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        shard = bisect.bisect_right(self.offsets, index) - 1
+        return self.readers[shard].get_item(index - self.offsets[shard])
+
+
+def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """Any-mode image -> RGB; transparent pixels (RGBA, LA, P with transparency) put on `background`."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, background + (255,))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def crop_transform(resolution: int) -> transforms.Compose:
+    """PIL RGB -> (3, resolution, resolution) in [-1, 1]: shorter side resized (bicubic), centre crop."""
+    return transforms.Compose(
+        [
+            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
+            transforms.CenterCrop(resolution),
+            transforms.ToTensor(),
+            transforms.Normalize([0.5], [0.5]),
+        ]
+    )
+
+
+class CroppedImages(Dataset):
+    """Raw samples -> {"index", "key", "caption", "label", "images": [(3, r, r) in [-1, 1] per resolution r]}.
+
+    The dataset of the precompute DataLoader, so decoding and cropping run in its worker processes.
+    """
+
+    def __init__(self, folder: str | Path, resolutions: Sequence[int]) -> None:
+        self.folder = folder
+        self.transforms = [crop_transform(resolution) for resolution in resolutions]
+        self._shards: RawShards | None = None  # opened lazily in each DataLoader worker
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self._shards is None:
+            self._shards = RawShards(self.folder)
+        row = self._shards[index]
+        key = row.get(schema.RAW_KEY, str(index))
+        try:
+            image = to_rgb(Image.open(io.BytesIO(row[schema.RAW_IMAGE])))
+        except Exception as error:  # Pillow signals corrupt data with several exception types
+            raise ValueError(
+                f"{self.folder}: sample {index} ({key!r}) has an unreadable image: {error}"
+            ) from error
+        return {
+            "index": index,
+            "key": key,
+            "caption": row[schema.RAW_CAPTION],
+            "label": int(row.get(schema.RAW_LABEL, -1)),
+            "images": [transform(image) for transform in self.transforms],
+        }
+
+    def __len__(self) -> int:
+        if self._shards is None:
+            self._shards = RawShards(self.folder)
+        return len(self._shards)
+
+
+def chunk_folder(output: Path, chunk: int, partial: bool = False) -> Path:
+    return output / f"chunk_{chunk:06d}{'.partial' if partial else ''}"
+
+
+def chunk_is_complete(folder: Path, expected: int) -> bool:
+    """True when `folder/index.json` parses and counts exactly `expected` samples."""
+    try:
+        shards = json.loads((folder / INDEX_FILE).read_text())["shards"]
+    except (OSError, ValueError, KeyError):
+        return False
+    return sum(shard["samples"] for shard in shards) == expected
+
+
+def chunk_ranges(num_samples: int, chunk_size: int) -> list[range]:
+    """Consecutive ranges of `chunk_size` indices covering [0, num_samples); the last may be shorter."""
+    return [range(start, min(start + chunk_size, num_samples)) for start in range(0, num_samples, chunk_size)]
+
+
+@dataclass
+class _Distributed:
+    """This process's place in the job; owns the process group when it created it."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    owns_group: bool = False
+
+    def close(self) -> None:
+        self.barrier()
+        if self.owns_group:
+            dist.destroy_process_group()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def reduce(self, value: float, op: dist.ReduceOp.RedOpType) -> float:
+        """`value` reduced over all processes with `op` (SUM, MAX)."""
+        if self.world_size == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(tensor, op=op)
+        return float(tensor.item())
+
+
+def _init_distributed(device: str | None) -> _Distributed:
+    """Rank and world size from the launcher's environment (composer, torchrun); gloo for the collectives."""
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    owns_group = world_size > 1 and not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group(backend="gloo")
+    if device is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    return _Distributed(rank, world_size, torch.device(device), owns_group)
+
+
+def _check_settings(output: Path, settings: PrecomputeSettings) -> None:
+    """Write the settings file, or check that an earlier run into `output` used the same settings."""
+    path = output / SETTINGS_FILE
+    current = asdict(settings) | {"resolutions": list(settings.resolutions)}
+    if path.is_file():
+        previous = yaml.safe_load(path.read_text())
+        if previous != current:
+            changed = sorted(k for k in current if previous.get(k) != current[k])
+            raise ValueError(
+                f"{output} was written with other settings ({', '.join(changed)} differ: {path}); "
+                "use a new output folder, or pass --overwrite to start again"
+            )
+        return
+    output.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(current, sort_keys=False))
+
+
+def _encode_batch(
+    batch: dict[str, Any],
+    vae: ImageAutoencoder,
+    text_encoder: TextEncoder,
+    settings: PrecomputeSettings,
+    generator: torch.Generator,
+) -> Iterator[dict[str, Any]]:
+    """One collated batch -> latent MDS rows (fp16 bytes)."""
+    states, mask = text_encoder(list(batch["caption"]))
+    states = states.float().cpu().numpy()
+    mask = mask.cpu().numpy().astype(np.uint8)
+    latents: dict[str, np.ndarray] = {}
+    for resolution, images in zip(settings.resolutions, batch["images"]):
+        if settings.moments:
+            mean, std = vae.encode_moments(images)
+            latents[schema.latents_column(resolution)] = mean.float().cpu().numpy()
+            latents[schema.latents_std_column(resolution)] = std.float().cpu().numpy()
+        else:
+            sample = vae.encode(images, sample=True, generator=generator)
+            latents[schema.latents_column(resolution)] = sample.float().cpu().numpy()
+    for i, key in enumerate(batch["key"]):
+        row = {
+            schema.KEY: key,
+            schema.CAPTION: batch["caption"][i],
+            schema.LABEL: int(batch["label"][i]),
+            schema.CAPTION_LATENTS: schema.to_fp16_bytes(states[i][None]),
+            schema.CAPTION_MASK: mask[i].tobytes(),
+        }
+        row.update({column: schema.to_fp16_bytes(values[i]) for column, values in latents.items()})
+        yield row
+
+
+def precompute(
+    input_dir: str | Path,
+    output_dir: str | Path,
+    resolutions: Sequence[int] = (256, 512),
+    vae: str = "identity",
+    text_encoder: str = "minilm",
+    moments: bool = False,
+    batch_size: int = 32,
+    chunk_size: int = 4096,
+    seed: int = 2024,
+    dtype: str = "float32",
+    device: str | None = None,
+    num_workers: int = 2,
+    max_chunks: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> int:
+    """Encode the raw MDS folder `input_dir` into the latent MDS folder `output_dir` (module docstring).
+
+    Runs as one process of a distributed job when RANK / WORLD_SIZE are set. `max_chunks` bounds the chunks
+    this process encodes in this run (the rest is left for a rerun). Returns the number of samples encoded by
+    this process in this run.
+    """
+    input_dir, output = Path(input_dir).expanduser().resolve(), Path(output_dir).expanduser()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if not resolutions or min(resolutions) <= 0:
+        raise ValueError(f"resolutions must be positive, got {list(resolutions)}")
+    world = _init_distributed(device)
+    raw = RawShards(input_dir)
+    if len(raw) == 0:
+        raise ValueError(f"{input_dir} holds no samples")
+    settings = PrecomputeSettings(
+        str(input_dir), len(raw), tuple(resolutions), vae, text_encoder, moments, chunk_size, seed, dtype
+    )
+    if world.rank == 0:
+        if overwrite and output.exists():
+            shutil.rmtree(output)
+        _check_settings(output, settings)
+    world.barrier()
+
+    chunks = chunk_ranges(len(raw), chunk_size)
+    mine = range(world.rank, len(chunks), world.world_size)
+    todo = [k for k in mine if not chunk_is_complete(chunk_folder(output, k), len(chunks[k]))]
+    todo = todo[:max_chunks] if max_chunks is not None else todo
+    start = time.perf_counter()
+    encoded = _encode_chunks(raw, output, chunks, todo, settings, world, batch_size, num_workers, progress)
+    seconds = time.perf_counter() - start
+
+    world.barrier()
+    total_encoded = world.reduce(encoded, dist.ReduceOp.SUM)
+    slowest = world.reduce(seconds, dist.ReduceOp.MAX)
+    if world.rank == 0:
+        _finish(output, chunks, total_encoded, slowest, world.world_size)
+    world.close()
+    return encoded
+
+
+def _encode_chunks(
+    raw: RawShards,
+    output: Path,
+    chunks: list[range],
+    todo: list[int],
+    settings: PrecomputeSettings,
+    world: _Distributed,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+) -> int:
+    """Encode and write the chunks `todo`, each atomically (partial folder renamed when complete)."""
+    if not todo:
+        return 0
+    torch_dtype = DTYPES[settings.dtype]
+    vae = load_vae(settings.vae, dtype=torch_dtype, device=world.device)
+    text_encoder = load_text_encoder(settings.text_encoder, dtype=torch_dtype, device=world.device)
+    plan = [
+        (k, list(chunks[k][i : i + batch_size])) for k in todo for i in range(0, len(chunks[k]), batch_size)
+    ]
+    loader = DataLoader(
+        CroppedImages(raw.folder, settings.resolutions),
+        batch_sampler=[indices for _, indices in plan],
+        num_workers=num_workers,
+    )
+    columns = schema.latent_columns(list(settings.resolutions), with_std=settings.moments)
+    bar = tqdm(
+        total=sum(len(chunks[k]) for k in todo), unit="img", desc=f"precompute rank {world.rank}",
+        disable=not progress or world.rank != 0, dynamic_ncols=True,
+    )  # fmt: skip
+    writer, current, written, encoded = None, None, 0, 0
+    for (chunk, _), batch in zip(plan, loader):
+        if chunk != current:
+            current, written = chunk, 0
+            partial = chunk_folder(output, chunk, partial=True)
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(chunk_folder(output, chunk), ignore_errors=True)  # an incomplete earlier attempt
+            writer = MDSWriter(out=str(partial), columns=columns, size_limit="256mb")
+            generator = torch.Generator(world.device).manual_seed(settings.seed + chunk)
+        for row in _encode_batch(batch, vae, text_encoder, settings, generator):
+            writer.write(row)
+        written += len(batch["key"])
+        encoded += len(batch["key"])
+        bar.update(len(batch["key"]))
+        if written == len(chunks[chunk]):
+            writer.finish()
+            os.replace(partial, chunk_folder(output, chunk))
+    bar.close()
+    return encoded
+
+
+def _finish(output: Path, chunks: list[range], encoded: float, seconds: float, world_size: int) -> None:
+    """Merge the chunk indexes into output/index.json when all chunks are complete; print the throughput."""
+    done = [k for k, chunk in enumerate(chunks) if chunk_is_complete(chunk_folder(output, k), len(chunk))]
+    rate = encoded / seconds if seconds > 0 else float("nan")
+    print(
+        f"precompute: encoded {int(encoded)} samples in {seconds:.1f} s ({rate:.1f} images/s over "
+        f"{world_size} process(es)); {len(done)}/{len(chunks)} chunks complete in {output}"
+    )
+    if len(done) < len(chunks):
+        print(f"precompute: {len(chunks) - len(done)} chunk(s) remain; rerun the same command to finish")
+        return
+    merge_index([str(chunk_folder(output, k) / INDEX_FILE) for k in done], str(output))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="micro-diffusion precompute",
+        description="Encode a raw MDS folder into latent MDS shards (distributed and resumable).",
+    )
+    parser.add_argument("--input", type=Path, help="raw MDS folder written by `micro-diffusion convert`")
+    parser.add_argument("--output", type=Path, help="latent MDS folder (reruns resume into it)")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[256, 512], help="crop sizes in pixels")
+    parser.add_argument("--vae", default="identity", help="'identity', a diffusers folder or a hub id")
+    parser.add_argument("--text-encoder", default="minilm", help="see micro_diffusion.encoders.text")
+    parser.add_argument("--moments", action="store_true", help="store posterior mean and std, not a sample")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
+    parser.add_argument("--chunk-size", type=int, default=4096, help="samples per resumable chunk")
+    parser.add_argument("--seed", type=int, default=2024, help="posterior sampling seed (+ chunk index)")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="encoder dtype")
+    parser.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
+    parser.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
+    parser.add_argument(
+        "--max-chunks", type=int, help="encode at most this many chunks per process, then stop"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="delete the output folder first")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of `micro-diffusion precompute`."""
+    args = parse_with_config(build_parser(), argv, required=("input", "output"))
+    precompute(
+        args.input, args.output, args.resolutions, args.vae, args.text_encoder, args.moments,
+        batch_size=args.batch_size, chunk_size=args.chunk_size, seed=args.seed, dtype=args.dtype,
+        device=args.device, num_workers=args.workers, max_chunks=args.max_chunks, overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
