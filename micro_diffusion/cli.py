@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("micro_diffusion.data.convert", "source -> raw MDS shards"),
     "precompute": ("micro_diffusion.data.precompute", "raw MDS -> latent MDS (VAE + text encoder)"),
     "generate": ("micro_diffusion.generate", "sample images from a checkpoint"),
-    "eval": ("micro_diffusion.eval.cli", "generate samples and compute metrics into a JSON report"),
+    "eval": ("micro_diffusion.evaluate", "generate samples and compute metrics into a JSON report"),
     "demo": ("micro_diffusion.demo", "the end-to-end demo on built-in data"),
 }
 

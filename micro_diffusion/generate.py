@@ -15,12 +15,11 @@ import torch
 from torchvision.utils import save_image
 
 from micro_diffusion.models.checkpoints import load_dit_weights
-from micro_diffusion.models.model import DTYPES, SAMPLERS, create_latent_diffusion
+from micro_diffusion.models.model import DTYPES, SAMPLERS, LatentDiffusion, create_latent_diffusion
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="micro-diffusion generate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options that rebuild a LatentDiffusion around trained DiT weights (shared with `micro-diffusion eval`)."""
     parser.add_argument("--weights", required=True, help="DiT weights: .safetensors or a tensor-only .pt")
     parser.add_argument("--dit-arch", default="MicroDiT_XL_2")
     parser.add_argument("--latent-res", type=int, default=64)
@@ -28,26 +27,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pos-interp-scale", type=float, default=2.0)
     parser.add_argument("--vae", default="stabilityai/stable-diffusion-xl-base-1.0")
     parser.add_argument("--text-encoder", default="openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378")
-    parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    parser.add_argument("--images-per-prompt", type=int, default=1)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, seed: int = 2024) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--sampler", choices=SAMPLERS, default="heun")
-    parser.add_argument("--seed", type=int, default=2024)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=seed, help="image i uses seed + i")
+
+
+def build_model(args: argparse.Namespace) -> LatentDiffusion:
+    """The LatentDiffusion described by `add_model_arguments` options, with its DiT weights, in eval mode."""
+    model = create_latent_diffusion(
+        vae_name=args.vae, text_encoder_name=args.text_encoder, dit_arch=args.dit_arch, latent_res=args.latent_res,
+        in_channels=args.in_channels, pos_interp_scale=args.pos_interp_scale, dtype=args.dtype,
+    )
+    load_dit_weights(model.dit, args.weights)
+    return model.to(args.device).eval()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="micro-diffusion generate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    add_sampling_arguments(parser)
+    parser.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    parser.add_argument("--images-per-prompt", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("outputs/generate/grid.png"))
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    model = create_latent_diffusion(
-        vae_name=args.vae, text_encoder_name=args.text_encoder, dit_arch=args.dit_arch, latent_res=args.latent_res,
-        in_channels=args.in_channels, pos_interp_scale=args.pos_interp_scale, dtype=args.dtype,
-    )
-    load_dit_weights(model.dit, args.weights)
-    model.to(args.device).eval()
+    model = build_model(args)
     prompts = [p for p in args.prompt for _ in range(args.images_per_prompt)]
     images = model.generate(prompt=prompts, guidance_scale=args.guidance, num_inference_steps=args.steps,
                             seed=args.seed, sampler=args.sampler, progress=True)
