@@ -28,8 +28,12 @@ from micro_diffusion.data.cli_options import parse_key_values
 from micro_diffusion.data.precompute import crop_transform, to_rgb
 from micro_diffusion.data.sources.base import get_source
 from micro_diffusion.data.sources.shapes import sample_specs
-from micro_diffusion.eval.features import get_feature_extractor
-from micro_diffusion.eval.frechet import compute_image_metrics, load_or_compute_reference_statistics
+from micro_diffusion.eval.features import FeatureExtractor, get_feature_extractor
+from micro_diffusion.eval.frechet import (
+    FeatureStatistics,
+    compute_image_metrics,
+    load_or_compute_reference_statistics,
+)
 from micro_diffusion.eval.report import EvalProtocol, metric_records, save_sample_grid, write_report
 from micro_diffusion.eval.shapes_score import shapes_score
 from micro_diffusion.generate import add_model_arguments, add_sampling_arguments, build_model
@@ -77,6 +81,19 @@ def reference_images(
     return batches
 
 
+def reference_statistics(
+    source: str, options: dict, count: int, resolution: int, extractor: FeatureExtractor, cache_dir: Path,
+    batch_size: int = 32,
+) -> tuple[FeatureStatistics, str]:
+    """Cached feature statistics of the first `count` images of a source, and a name stating that set."""
+    name = source + "".join(f"-{k}={v}" for k, v in sorted(options.items()))
+    stats = load_or_compute_reference_statistics(
+        cache_dir, f"{name}-n{count}", resolution, extractor,
+        reference_images(source, options, count, resolution, batch_size),
+    )
+    return stats, f"{name} ({stats.count} images, {resolution}px)"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="micro-diffusion eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,11 +122,9 @@ def feature_metrics(args: argparse.Namespace, images: Tensor) -> tuple[dict[str,
     """FD / KID / precision-recall against the cached reference statistics; returns (metrics, reference name)."""
     extractor = get_feature_extractor(args.extractor, weights_path=args.extractor_weights, device=args.device)
     options = parse_key_values(args.reference_option, "--reference-option")
-    name = args.reference_source + "".join(f"-{k}={v}" for k, v in sorted(options.items()))
-    resolution = images.shape[-1]
-    reference = load_or_compute_reference_statistics(
-        args.cache_dir, f"{name}-n{args.reference_count}", resolution, extractor,
-        reference_images(args.reference_source, options, args.reference_count, resolution, args.batch_size),
+    reference, reference_name = reference_statistics(
+        args.reference_source, options, args.reference_count, images.shape[-1], extractor, args.cache_dir,
+        args.batch_size,
     )
     kid_size = min(1000, len(images), len(reference.stored_features))
     metrics = compute_image_metrics(
@@ -118,7 +133,7 @@ def feature_metrics(args: argparse.Namespace, images: Tensor) -> tuple[dict[str,
     )
     renamed = {"frechet_distance": f"fd_{extractor.name}"}
     metrics = {renamed.get(key, key): value for key, value in metrics.items()}
-    return metrics, f"{name} ({reference.count} images, {resolution}px)"
+    return metrics, reference_name
 
 
 def main(argv: list[str] | None = None) -> None:
