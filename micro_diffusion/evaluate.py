@@ -28,6 +28,7 @@ from micro_diffusion.data.cli_options import parse_key_values
 from micro_diffusion.data.precompute import crop_transform, to_rgb
 from micro_diffusion.data.sources.base import get_source
 from micro_diffusion.data.sources.shapes import sample_specs
+from micro_diffusion.eval.clip_score import clip_score, load_clip_score
 from micro_diffusion.eval.features import FeatureExtractor, get_feature_extractor
 from micro_diffusion.eval.frechet import (
     FeatureStatistics,
@@ -39,7 +40,7 @@ from micro_diffusion.eval.shapes_score import shapes_score
 from micro_diffusion.generate import add_model_arguments, add_sampling_arguments, build_model
 from micro_diffusion.models.model import LatentDiffusion
 
-METRICS = ("fd", "kid", "pr", "shapes")
+METRICS = ("fd", "kid", "pr", "shapes", "clip")
 
 
 def load_prompts(spec: str, num_samples: int, seed: int) -> list[str]:
@@ -105,6 +106,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--metrics", nargs="+", choices=METRICS, default=["fd", "kid", "shapes"])
     parser.add_argument("--extractor", default="efficientnet-lite0")
     parser.add_argument("--extractor-weights", help="weights file of the extractor (Inception, DINOv2, CLIP)")
+    parser.add_argument("--clip-weights", help="OpenCLIP folder or checkpoint for the CLIP score "
+                        "(default: $MICRO_DIFFUSION_CLIP_WEIGHTS)")
+    parser.add_argument("--clip-model", help="OpenCLIP architecture name when --clip-weights is a bare file")
     parser.add_argument("--reference-source", help="registered source of the reference images, e.g. shapes")
     parser.add_argument("--reference-option", action="append", help="KEY=VALUE for the reference source")
     parser.add_argument("--reference-count", type=int, default=5000)
@@ -157,6 +161,13 @@ def main(argv: list[str] | None = None) -> None:
         protocol = EvalProtocol("shapes-checker", count, "shapes grammar prompts", sampler, args.steps,
                                 args.guidance, args.seed)
         records += metric_records({f"shapes/{k}": v for k, v in score.items()}, protocol)
+    if "clip" in args.metrics:
+        scorer = load_clip_score(args.clip_weights, args.clip_model, device=args.device)
+        pairs = ((images[i:i + args.batch_size], prompts[i:i + args.batch_size])
+                 for i in range(0, len(images), args.batch_size))
+        protocol = EvalProtocol(scorer.name, len(images), "the generation prompts", sampler,
+                                args.steps, args.guidance, args.seed)
+        records += metric_records({"clip_score": clip_score(pairs, scorer)}, protocol)
     report = write_report(args.out / "report.json", records, sample_grid=grid)
     print(json.dumps({r["metric"]: round(r["value"], 4) for r in report["results"]}, indent=2))
     print(f"report: {args.out / 'report.json'}; samples: {grid}")
