@@ -11,7 +11,7 @@
 #   the FID Inception weights (pt_inception-2015-12-05-6726825d.pth, the torch-fidelity/pytorch-fid file) at
 #     $MICRO_DIFFUSION_INCEPTION_WEIGHTS
 # Environment: COCO_ROOT (default datadir/coco2014), NUM_SAMPLES (30000), STEPS (30), GUIDANCE (5.0), SEED (2024),
-# RESOLUTION (512: the released models; the reference images are centre-cropped and resized to it).
+# OUT (outputs/fid_coco). Reference images are centre-cropped and resized to the generated resolution.
 set -euo pipefail
 
 WEIGHTS=${1:?usage: scripts/fid_coco.sh WEIGHTS [extra eval options]}
