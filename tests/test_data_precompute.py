@@ -20,7 +20,7 @@ from micro_diffusion.data import precompute as precompute_module
 from micro_diffusion.data import schema
 from micro_diffusion.data.convert import convert
 from micro_diffusion.data.loader import StreamingLatentsDataset, make_streams
-from micro_diffusion.data.precompute import crop_transform, precompute, to_rgb
+from micro_diffusion.data.precompute import CaptionCache, crop_transform, precompute, to_rgb
 from micro_diffusion.data.sources import Record
 from micro_diffusion.encoders.text import load_text_encoder
 
@@ -185,3 +185,25 @@ def test_two_processes_cover_every_sample_once(raw_folder, tmp_path, tiny_hf_cli
     assert keys == [f"k{i}" for i in range(NUM_SAMPLES)]  # every sample exactly once, in order
     assert "precompute: encoded 10 samples" in result.stdout + logs
     shutil.rmtree(output)
+
+
+def test_caption_cache_encodes_each_distinct_caption_once_and_evicts():
+    calls: list[list[str]] = []
+
+    def encoder(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(list(captions))
+        states = torch.stack([torch.full((2, 3), float(len(c))) for c in captions])
+        return states, torch.ones(len(captions), 2, dtype=torch.long)
+
+    cache = CaptionCache(encoder, max_entries=2)
+    states, mask = cache(["a", "bb", "a"])
+    assert calls == [["a", "bb"]]
+    assert states.dtype == np.float16 and states.shape == (3, 2, 3) and mask.shape == (3, 2)
+    assert states[0, 0, 0] == 1 and states[1, 0, 0] == 2 and states[2, 0, 0] == 1
+    cache(["bb", "a"])
+    assert len(calls) == 1  # both cached
+    cache(["ccc"])  # evicts the least recently used ("bb")
+    cache(["a"])
+    assert len(calls) == 2
+    cache(["bb"])
+    assert calls[-1] == ["bb"]

@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -241,17 +242,45 @@ def _check_settings(output: Path, settings: PrecomputeSettings) -> None:
     path.write_text(yaml.safe_dump(current, sort_keys=False))
 
 
+class CaptionCache:
+    """Encodes captions through the text encoder, remembering the last `max_entries` distinct ones.
+
+    Class-like and procedural captions repeat a lot (Fashion-MNIST has 10, the demo's shapes prompts a few
+    dozen); encoding each distinct caption once makes the text encoder's cost vanish there, and costs nothing
+    when captions are unique. Entries are kept in float16, the dtype they are stored in anyway.
+    """
+
+    def __init__(self, text_encoder: TextEncoder, max_entries: int = 4096) -> None:
+        self.text_encoder = text_encoder
+        self.max_entries = max_entries
+        self.entries: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def __call__(self, captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """captions (B strings) -> states (B, L, C) float16, mask (B, L) uint8."""
+        missing = [c for c in dict.fromkeys(captions) if c not in self.entries]
+        if missing:
+            states, mask = self.text_encoder(missing)
+            states = states.float().cpu().numpy().astype(schema.LATENT_DTYPE)
+            mask = mask.cpu().numpy().astype(np.uint8)
+            for i, caption in enumerate(missing):
+                self.entries[caption] = (states[i], mask[i])
+        for caption in captions:
+            self.entries.move_to_end(caption)
+        picked = [self.entries[c] for c in captions]
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+        return np.stack([p[0] for p in picked]), np.stack([p[1] for p in picked])
+
+
 def _encode_batch(
     batch: dict[str, Any],
     vae: ImageAutoencoder,
-    text_encoder: TextEncoder,
+    captions: CaptionCache,
     settings: PrecomputeSettings,
     generator: torch.Generator,
 ) -> Iterator[dict[str, Any]]:
     """One collated batch -> latent MDS rows (fp16 bytes)."""
-    states, mask = text_encoder(list(batch["caption"]))
-    states = states.float().cpu().numpy()
-    mask = mask.cpu().numpy().astype(np.uint8)
+    states, mask = captions(list(batch["caption"]))
     latents: dict[str, np.ndarray] = {}
     for resolution, images in zip(settings.resolutions, batch["images"]):
         if settings.moments:
@@ -347,7 +376,7 @@ def _encode_chunks(
         return 0
     torch_dtype = DTYPES[settings.dtype]
     vae = load_vae(settings.vae, dtype=torch_dtype, device=world.device)
-    text_encoder = load_text_encoder(settings.text_encoder, dtype=torch_dtype, device=world.device)
+    captions = CaptionCache(load_text_encoder(settings.text_encoder, dtype=torch_dtype, device=world.device))
     plan = [
         (k, list(chunks[k][i : i + batch_size])) for k in todo for i in range(0, len(chunks[k]), batch_size)
     ]
@@ -370,7 +399,7 @@ def _encode_chunks(
             shutil.rmtree(chunk_folder(output, chunk), ignore_errors=True)  # an incomplete earlier attempt
             writer = MDSWriter(out=str(partial), columns=columns, size_limit="256mb")
             generator = torch.Generator(world.device).manual_seed(settings.seed + chunk)
-        for row in _encode_batch(batch, vae, text_encoder, settings, generator):
+        for row in _encode_batch(batch, vae, captions, settings, generator):
             writer.write(row)
         written += len(batch["key"])
         encoded += len(batch["key"])
