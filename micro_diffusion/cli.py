@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "precompute": ("micro_diffusion.data.precompute", "raw MDS -> latent MDS (VAE + text encoder)"),
     "generate": ("micro_diffusion.generate", "sample images from a checkpoint"),
     "eval": ("micro_diffusion.evaluate", "generate samples and compute metrics into a JSON report"),
+    "posthoc-ema": ("micro_diffusion.posthoc_ema", "reconstruct an EMA of any length from power-EMA snapshots"),
     "demo": ("micro_diffusion.demo", "the end-to-end demo on built-in data"),
 }
 
