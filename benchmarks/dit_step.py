@@ -47,7 +47,10 @@ def main() -> None:
     parser.add_argument("--caption-channels", type=int, default=384)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="CPU intra-op threads (1 avoids OpenMP spinning on a loaded machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
 
     seconds: dict[tuple[str, str, float], float] = {}
     for preset in args.presets:
