@@ -74,3 +74,22 @@ def test_generate_cli_writes_a_grid_offline(tmp_path, tiny_vae_dir, tiny_hf_clip
     ])
     assert Image.open(out).size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)  # 2 x 2 grid of 32 px with 2 px padding
     assert json.loads(out.with_suffix(".json").read_text())["guidance"] == 5.0
+
+
+def test_composer_checkpoint_loads_safely(tmp_path):
+    """A real Composer checkpoint (timestamps, RNG states inside) loads with weights_only=True."""
+    from composer import Trainer
+    from torch.utils.data import DataLoader
+
+    from micro_diffusion.encoders.vae import load_vae
+    from micro_diffusion.models.model import LatentDiffusion
+
+    dit = create_dit("MicroDiT_XXS_2", input_size=8, in_channels=3, caption_channels=32)
+    model = LatentDiffusion(dit, load_vae("identity"), None, latent_res=8)
+    data = [{"image_latents": torch.randn(3, 8, 8), "caption_latents": torch.randn(1, 4, 32)} for _ in range(4)]
+    Trainer(model=model, train_dataloader=DataLoader(data, batch_size=4), max_duration="1ba",
+            optimizers=torch.optim.AdamW(model.dit.parameters()), save_folder=str(tmp_path), save_interval="1ba",
+            device="cpu", progress_bar=False).fit()
+    fresh = create_dit("MicroDiT_XXS_2", input_size=8, in_channels=3, caption_channels=32)
+    load_dit_weights(fresh, tmp_path / "latest-rank0.pt")
+    torch.testing.assert_close(fresh.final_layer.linear.weight, model.dit.final_layer.linear.weight)

@@ -1,19 +1,38 @@
 """Safe loading of network weights: safetensors, or torch files read with `weights_only=True`. Never a bare unpickle.
 
 Accepted layouts: a plain DiT state dict (the released MicroDiT checkpoints), a LatentDiffusion state dict whose
-DiT keys carry a `dit.` prefix, or a Composer checkpoint's `state.model` section (which Composer may prefix with
-`model.`), so one loader serves released checkpoints, our own exports and training checkpoints.
+DiT keys carry a `dit.` prefix, or a Composer checkpoint (its `state.model` section, which Composer may prefix
+with `model.`), so one loader serves released checkpoints, our own exports and training checkpoints. Composer
+checkpoints are read with `weights_only=True` plus an allowlist of the plain-data types they contain.
 """
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 PREFIXES = ("model.dit.", "dit.", "module.dit.")
+
+
+def _checkpoint_globals() -> list:
+    """The plain-data types a Composer checkpoint pickles besides tensors (run time as a timedelta, the torch
+    version, numpy RNG states): allowed, and nothing else, when reading a checkpoint with weights_only=True."""
+    from torch.torch_version import TorchVersion
+
+    numpy_core = getattr(np, "_core", None) or np.core
+    dtypes = [type(np.dtype(name)) for name in ("bool", "uint8", "int32", "int64", "uint32", "float32", "float64")]
+    return [datetime.timedelta, TorchVersion, numpy_core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A Composer checkpoint (or any torch file) read with `weights_only=True`: tensors and plain data only."""
+    with torch.serialization.safe_globals(_checkpoint_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -24,7 +43,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_file(str(path))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_checkpoint(path)
     except Exception as error:  # noqa: BLE001  (re-raised with what to do)
         raise ValueError(
             f"{path} is not a plain tensor file that torch.load(weights_only=True) can read ({error}). "

@@ -29,6 +29,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import make_grid, save_image
 
+from micro_diffusion.models.checkpoints import load_checkpoint
 from micro_diffusion.models.dit import num_kept_tokens
 
 __all__ = ["EMA", "ImageGridLogger", "NaNGuard", "ThroughputMonitor", "export_ema_weights"]
@@ -222,10 +223,10 @@ def export_ema_weights(checkpoint_path: str | Path, output_path: str | Path) -> 
 
     The file holds the full state (parameters with their EMA values, and buffers) of every module the average
     covers, under the model's key names: `dit.*`, plus `label_embedder.*` for a class-conditional model. It is
-    what `micro_diffusion.models.checkpoints.load_dit_weights(model.dit, path)` reads. A checkpoint is a pickle
-    with Python objects (timestamps, RNG states) besides tensors, as Composer writes it: only load your own.
+    what `micro_diffusion.models.checkpoints.load_dit_weights(model.dit, path)` reads. The checkpoint is read with
+    `weights_only=True` (tensors and an allowlist of plain-data types), never a bare unpickle.
     """
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(checkpoint_path)
     state = checkpoint["state"]
     averages = state.get("callbacks", {}).get(EMA.__qualname__, {}).get("weights")
     if averages is None:
