@@ -13,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("micro_diffusion.data.convert", "source -> raw MDS shards"),
     "precompute": ("micro_diffusion.data.precompute", "raw MDS -> latent MDS (VAE + text encoder)"),
+    "latent-stats": ("micro_diffusion.autoencoder_stats", "per-channel latent statistics of a trained autoencoder"),
     "generate": ("micro_diffusion.generate", "sample images from a checkpoint"),
     "eval": ("micro_diffusion.evaluate", "generate samples and compute metrics into a JSON report"),
     "posthoc-ema": ("micro_diffusion.posthoc_ema", "reconstruct an EMA of any length from power-EMA snapshots"),
