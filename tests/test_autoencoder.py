@@ -225,9 +225,7 @@ def test_each_optional_term_adds_exactly_its_weighted_value_when_on_and_nothing_
     terms = AutoencoderLoss(config)(images, output, step=0, decode=_decode(tiny_vae))
     for name in ("reconstruction", "kl"):
         torch.testing.assert_close(terms[name], base[name])
-    added = (
-        0.5 * terms["generator"] + terms["discriminator"] if term == "discriminator" else 0.5 * terms[term]
-    )
+    added = 0.5 * terms["generator"] + terms["discriminator"] if term == "discriminator" else 0.5 * terms[term]
     assert abs(added.item()) > 1e-4
     torch.testing.assert_close(terms["total"], base["total"] + added)
     assert set(terms) - set(base) == ({"generator", "discriminator"} if term == "discriminator" else {term})
