@@ -191,7 +191,9 @@ def _prepared(
             yield (record.key, *prepare_row(record, rules))
         return
     iterator = iter(records)
-    with multiprocessing.get_context("fork").Pool(num_workers) as pool:
+    # "spawn", not "fork": forking a process whose torch/OpenMP threads hold locks can deadlock a worker, and a
+    # Pool with a dead worker waits forever (seen in CI once earlier tests had used torch).
+    with multiprocessing.get_context("spawn").Pool(num_workers) as pool:
         pending: deque = deque()
         while True:
             batch = list(itertools.islice(iterator, _RECORDS_PER_TASK))
