@@ -3,7 +3,6 @@ statistics, and every loss term."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,14 +28,6 @@ from micro_diffusion.models.autoencoder import (
     compute_latent_stats,
     scale_equivariance_error,
 )
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _images(batch: int = 4, size: int = 32, seed: int = 0) -> Tensor:

@@ -3,7 +3,6 @@ train.py run, the reconstruction grid, the export, and the discriminator's delay
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,14 +35,6 @@ from train import build_trainer
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 AUTOENCODER_CONFIGS = ["autoencoder_shapes", "autoencoder_fashion_mnist", "autoencoder_emoji"]
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _compose(name: str, overrides: list[str] = ()):

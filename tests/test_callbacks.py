@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -27,14 +26,6 @@ from micro_diffusion.training.callbacks import EMA, ImageGridLogger, NaNGuard, T
 LATENT_RES = 8  # identity "VAE": latents are 3 x 8 x 8 images, 16 tokens of 2 x 2 patches
 NUM_CLASSES = 4
 BATCH_SIZE = 4
-
-
-@pytest.fixture(autouse=True)
-def single_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def class_model(mask_ratio: float = 0.5) -> LatentDiffusion:
