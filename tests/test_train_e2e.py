@@ -3,13 +3,18 @@
 - `composer -n 2 train.py` (gloo) trains, evaluates, logs image grids and checkpoints.
 - The same run killed with SIGKILL after its first checkpoint and restarted with the same command ends with the
   uninterrupted run's weights and optimiser state (tolerance 1e-6: same data order, same RNG streams, float32).
+- Two launcher invocations on 127.0.0.1 with node ranks 0 and 1 (one process each, gloo) train exactly as one
+  `composer -n 2` run does (tolerance 1e-6), and reach a single process's validation loss at the same global
+  batch within 2% (the runs differ only in per-rank noise draws).
 - scripts/train_pipeline.py chains two stages through the launcher; a weights-only start at a higher
   resolution loads every weight of the previous stage but the position table.
 """
 
 import os
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -78,9 +83,10 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def composer_command(nproc: int, config: str, overrides: list[str]) -> list[str]:
+def composer_command(nproc: int, config: str, overrides: list[str], launcher: tuple[str, ...] = ()) -> list[str]:
+    """`composer -n nproc [launcher options] train.py --config-name config overrides`."""
     return [
-        sys.executable, "-m", "composer.cli", "-n", str(nproc), str(REPO / "train.py"),
+        sys.executable, "-m", "composer.cli", "-n", str(nproc), *launcher, str(REPO / "train.py"),
         "--config-path", str(REPO / "configs"), "--config-name", config, *overrides,
     ]
 
@@ -105,12 +111,14 @@ def trained_batches(state: dict) -> int:
     return int(state["timestamp"]["Timestamp"]["batch"])
 
 
-def training_command(latent_datadir: Path, text_encoder: str, runs: Path, exp_name: str) -> list[str]:
-    return composer_command(2, "tiny_res_16_pretrain", [
+def training_command(
+    latent_datadir: Path, text_encoder: str, runs: Path, exp_name: str, nproc: int = 2, launcher: tuple[str, ...] = ()
+) -> list[str]:
+    return composer_command(nproc, "tiny_res_16_pretrain", [
         *tiny_overrides(latent_datadir, text_encoder, runs), f"exp_name={exp_name}",
         f"trainer.max_duration={STEPS}ba", f"trainer.save_interval={SAVE_EVERY}ba",
         f"trainer.eval_interval={EVAL_EVERY}ba", "trainer.autoresume=true",
-    ])
+    ], launcher)
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +180,64 @@ def test_sigkill_and_autoresume_reach_the_uninterrupted_state(uninterrupted_run,
     for name, moments in resumed["optimizers"]["AdamW"]["state"].items():
         for moment in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(moments[moment], reference_moments[name][moment], rtol=0, atol=TOLERANCE)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def own_shared_memory(command: list[str]) -> list[str]:
+    """Run `command` with a private /dev/shm, as on a machine of its own: Streaming's local leaders coordinate
+    through POSIX shared memory, and two "nodes" sharing one /dev/shm would claim the same names."""
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+            'mount -t tmpfs shm /dev/shm && exec "$0" "$@"', *command]
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
+                    reason="a private /dev/shm per simulated node needs root and unshare")
+def test_two_nodes_on_loopback_train_like_one_node(uninterrupted_run, latent_datadir, tiny_hf_clip_dir):
+    """The multi-node launch of README ("Scale past one machine") with two 1-process "nodes" on 127.0.0.1.
+
+    Same world size and ranks as the `composer -n 2` run, so the same data order and noise: the final weights
+    must match it to 1e-6. A single process at the same global batch (8) reads the same samples per step but
+    draws other noise, so only its final validation loss (fixed sigmas, fixed noise) is compared, within 2%.
+    """
+    reference_folder, _ = uninterrupted_run
+    runs = reference_folder.parent
+    port = str(free_port())
+
+    def node_command(node_rank: int) -> list[str]:
+        launcher = ("--world_size", "2", "--node_rank", str(node_rank), "--master_addr", "127.0.0.1",
+                    "--master_port", port)
+        command = training_command(latent_datadir, tiny_hf_clip_dir.name, runs, "two_nodes", 1, launcher)
+        command += [
+            "trainer.autoresume=false",  # autoresume needs a save folder per node (or a remote one)
+            "+data.streaming.num_canonical_nodes=1",  # Streaming's default is the node count: keep one node's order
+        ]
+        return own_shared_memory(command) if node_rank else command
+
+    nodes = [
+        subprocess.Popen(node_command(node_rank), cwd=runs, env=subprocess_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+        for node_rank in (0, 1)
+    ]
+    outputs = [node.communicate(timeout=900)[0] for node in nodes]
+    for node_rank, (node, output) in enumerate(zip(nodes, outputs)):
+        assert node.returncode == 0, f"node {node_rank} failed:\n{output[-6000:]}"
+    two_nodes = load_state(runs / "two_nodes" / "latest-rank0.pt")
+    reference = load_state(reference_folder / "latest-rank0.pt")
+    assert trained_batches(two_nodes) == STEPS
+    for key, weight in reference["model"].items():
+        torch.testing.assert_close(two_nodes["model"][key], weight, rtol=0, atol=TOLERANCE, msg=key)
+
+    run_command(training_command(latent_datadir, tiny_hf_clip_dir.name, runs, "one_process", nproc=1), runs)
+    validation = {
+        name: metric_values(runs / name / "tensorboard" / "metrics.txt", "metrics/eval/ValidationLoss")[STEPS]
+        for name in ("two_nodes", "one_process")
+    }
+    assert validation["two_nodes"] == pytest.approx(validation["one_process"], rel=0.02), validation
 
 
 def test_pipeline_chains_a_full_state_continuation(tmp_path, latent_datadir, tiny_hf_clip_dir):
