@@ -4,6 +4,11 @@ Prints one JSON line per configuration, then one summary line with the ratios we
 run, so they compare like with like on whatever machine runs it):
 
     python benchmarks/dit_step.py [--presets MicroDiT_XXS_2 MicroDiT_XS_2] [--batch 16] [--latent 32]
+    python benchmarks/dit_step.py --presets MicroDiT_XL_2 --ffn moe --batch 64 --caption-length 77 \
+        --caption-channels 1024 --compile --peak-tflops 989     # GPU: bf16 autocast, MFU against that peak
+
+MFU = analytic training FLOPs per step (`DiT.training_flops`, exact for the matmuls and attention) / step time /
+peak. The step is forward + backward; the optimiser step is left out (it is O(parameters), not O(tokens)).
 """
 
 from __future__ import annotations
@@ -46,6 +51,10 @@ def main() -> None:
     parser.add_argument("--caption-length", type=int, default=32)
     parser.add_argument("--caption-channels", type=int, default=384)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ffn", nargs="+", default=["moe", "dense"], choices=["moe", "dense"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense bf16 peak, to report MFU (H100 SXM: 989)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="CPU intra-op threads (1 avoids OpenMP spinning on a loaded machine)")
@@ -54,14 +63,15 @@ def main() -> None:
 
     seconds: dict[tuple[str, str, float], float] = {}
     for preset in args.presets:
-        for ffn in ("moe", "dense"):
+        for ffn in args.ffn:
             torch.manual_seed(0)
             # experts_every_n larger than any depth places no MoE block: the same network with dense FFNs.
             extra = {} if ffn == "moe" else {"experts_every_n": 10**6}
             model = create_dit(preset, input_size=args.latent, caption_channels=args.caption_channels, **extra)
             model.to(args.device)
+            step_model = torch.compile(model) if args.compile else model
             for mask_ratio in (0.0, 0.75):
-                sec = time_train_step(model, args.batch, args.latent, args.caption_length, mask_ratio,
+                sec = time_train_step(step_model, args.batch, args.latent, args.caption_length, mask_ratio,
                                       args.repeats, args.device)
                 seconds[(preset, ffn, mask_ratio)] = sec
                 flops = model.training_flops(mask_ratio, args.caption_length)
@@ -71,12 +81,14 @@ def main() -> None:
                     "train_gflop_per_image": round(flops / 1e9, 3),
                     "ms_per_image": round(1e3 * sec / args.batch, 3),
                     "achieved_gflops": round(flops * args.batch / sec / 1e9, 2),
-                    "device": args.device, "threads": torch.get_num_threads(),
+                    "device": args.device, "threads": torch.get_num_threads(), "compile": args.compile,
+                    **({"mfu": round(flops * args.batch / sec / (args.peak_tflops * 1e12), 3)}
+                       if args.peak_tflops else {}),
                 }))
     summary = {
         f"{preset}_masked_over_unmasked_time_{ffn}": round(
             seconds[(preset, ffn, 0.75)] / seconds[(preset, ffn, 0.0)], 3)
-        for preset in args.presets for ffn in ("moe", "dense")
+        for preset in args.presets for ffn in args.ffn
     }
     summary["machine"] = platform.processor() or platform.machine()
     print(json.dumps(summary))
