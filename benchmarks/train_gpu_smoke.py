@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--samples", type=int, default=8192)
     parser.add_argument("--device", default="gpu", choices=["gpu", "cpu"], help="cpu: a quick check of the script")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="torch.compile the training forward (GPU only)")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100 SXM)")
     args = parser.parse_args()
 
@@ -68,7 +70,7 @@ def main() -> None:
         f"data.train_batch_size={args.batch_size}", f"data.eval_batch_size={args.batch_size}",
         f"+data.num_workers={4 if args.device == 'gpu' else 0}",
         f"trainer.device={args.device}", f"trainer.precision={'amp_bf16' if args.device == 'gpu' else 'fp32'}",
-        f"trainer.compile={args.device == 'gpu'}",
+        f"trainer.compile={args.compile and args.device == 'gpu'}",
         f"trainer.max_duration={args.batches}ba", f"trainer.eval_interval={args.batches}ba",
         f"trainer.save_interval={args.batches}ba", "trainer.progress_bar=false", "trainer.console_log_interval=50ba",
         "callbacks.image_grid.class_labels=[0,1,2]", "callbacks.throughput.log_interval=50",

@@ -127,8 +127,35 @@ class DiT(nn.Module):
         qkv_multipliers, ffn_multipliers: layer-wise scaling of attention and FFN widths (per block, or per split).
         use_patch_mixer, patch_mixer_depth, patch_mixer_dim, patch_mixer_qkv_ratio, patch_mixer_mlp_ratio: the
             patch-mixer that runs on all tokens before masking.
-        use_bias: biases in attention, FFN and mixer projections.
+        use_bias: biases in attention, FFN and mixer projections (must be False with `mp`).
         num_experts, expert_capacity, experts_every_n: expert-choice MoE FFN placement and capacity.
+        mp: magnitude-preserving transformer blocks (below). False builds the original network.
+
+    Magnitude-preserving option (`mp=True`, EDM2's MP layers where they are well defined in a DiT). In every
+    transformer block (caption refiner, patch-mixer, backbone):
+      - each plain learned linear layer, i.e. the self-attention qkv and output projections, the cross-attention
+        q, kv and output projections, the SwiGLU w1, w2, w3 and the MoE experts' w1, w2, is an MP linear layer
+        (`mp_layers.MPConv` with kernel (), or its batched form for the experts): weight fan-in vectors normalised
+        to unit norm in the forward pass, forced to unit RMS in place in a training forward with grad enabled (EMA
+        and eval copies never are), N(0, 1) init, no bias. Parameter names and shapes are unchanged, so the
+        state dict is that of a bias-free standard model;
+      - SiLU becomes mp_silu and the experts' GELU mp_gelu (both scaled to unit RMS over N(0, 1));
+      - each residual join x + branch becomes mp_sum(x, branch, 0.3), and the adaLN gates multiply the branch by
+        (1 + gate) instead of gate, so the zero-initialised gate passes a unit-variance branch (a zero branch
+        would shrink the main path by 0.92 at every MP sum; it is EDM2's (1 + g emb) form).
+    What stays standard, and why:
+      - the adaLN modulation linears (in the blocks and the final layer): they map the condition to shift, scale
+        and gate coefficients, not to activations, and must output exactly zero at init (adaLN-Zero), which a
+        normalised weight cannot; their biases are the per-channel constant modulation;
+      - LayerNorms and the QK-norm: they are what gives each branch its unit-variance input;
+      - the MoE router and its probability-weighted gather/scatter-add combine: router outputs are logits
+        (normalising them would pin the softmax temperature), and a token's number of experts (0 .. E) and its
+        weights vary with the data, so there is no fixed rescale to unit variance. An MoE branch therefore
+        starts well below unit RMS (about sqrt(capacity) / E) until the router sharpens;
+      - attention's softmax average: its output magnitude depends on the attention entropy (as in EDM2);
+      - everything outside the blocks (patch, timestep and caption embedders, mixer maps, final layer): they
+        set the input and output scales (the final layer starts at zero output), and the released layout for
+        them is kept. Blocks' outputs are not clipped (EDM2's +-256 clip is an fp16 safety net; bf16 needs none).
     """
 
     def __init__(
@@ -155,6 +182,7 @@ class DiT(nn.Module):
         num_experts: int = 8,
         expert_capacity: float = 1,
         experts_every_n: int = 2,
+        mp: bool = False,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
@@ -170,6 +198,7 @@ class DiT(nn.Module):
         self.caption_channels = caption_channels
         self.pos_interp_scale = pos_interp_scale
         self.use_patch_mixer = use_patch_mixer
+        self.mp = mp
         self.grid_size = input_size // patch_size
         num_tokens = self.grid_size**2
 
@@ -177,13 +206,13 @@ class DiT(nn.Module):
         self.t_embedder = TimestepEmbedder(dim)
         self.register_buffer("pos_embed", sincos_2d(self.grid_size, self.grid_size, dim, pos_interp_scale)[None])
         self.y_embedder = CaptionProjection(caption_channels, dim, norm_eps)
-        self.y_emb_preprocess = CaptionRefiner(dim, head_dim, multiple_of, norm_eps, use_bias)
+        self.y_emb_preprocess = CaptionRefiner(dim, head_dim, multiple_of, norm_eps, use_bias, mp)
         self.pooled_y_emb_process = NormedMlp(dim, dim, norm_eps)
 
         def block(width: int, qkv: float, mlp: float, moe: bool, out_std: float) -> DiTBlock:
             return DiTBlock(
                 width, dim, head_dim, qkv, mlp, multiple_of, norm_eps, use_bias, moe, num_experts,
-                expert_capacity, out_std,
+                expert_capacity, out_std, mp,
             )
 
         self.patch_mixer = nn.ModuleList()
@@ -220,7 +249,8 @@ class DiT(nn.Module):
 
     def initialize_weights(self) -> None:
         """Xavier on linears with zero biases, then the MicroDiT scheme: normal(0.02) embedding MLPs,
-        trunc-normal blocks with depth-scaled output projections, zero adaLN and output layers (adaLN-Zero)."""
+        trunc-normal blocks with depth-scaled output projections, zero adaLN and output layers (adaLN-Zero).
+        MP layers keep their N(0, 1) init."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -318,7 +348,9 @@ class DiT(nn.Module):
 
         Counts every linear layer, convolution, attention product (QK^T and AV) and MoE expert at the token
         counts they see: the mixer on all T tokens, the backbone and final layer on int(T (1 - ratio)) tokens.
-        Element-wise work (norms, activations, softmax) is not counted, as in `FlopCounterMode` and MFU practice.
+        Element-wise work (norms, activations, softmax) is not counted, as in `FlopCounterMode` and MFU practice;
+        nor is the weight normalisation of MP layers, element-wise work on the parameters (O(params) per forward,
+        independent of the token count), so an MP model counts the same FLOPs as the standard one.
         """
         return sum(flops for _, flops in self.flop_breakdown(mask_ratio, caption_length))
 
@@ -328,7 +360,7 @@ class DiT(nn.Module):
         d = self.dim
 
         def linear(tokens: int, layer: nn.Module) -> int:
-            return 2 * tokens * layer.in_features * layer.out_features
+            return 2 * tokens * layer.weight.numel()  # (out, in) weight of nn.Linear or an MP linear
 
         breakdown = [
             ("patch_embed", 2 * t_all * self.x_embedder.proj.weight[0].numel() * d),
@@ -357,21 +389,23 @@ class DiT(nn.Module):
 
 
 def _attention_flops(attn: nn.Module, queries: int, keys: int) -> int:
-    """Projections plus QK^T and AV of a SelfAttention (queries == keys) or CrossAttention module."""
+    """Projections plus QK^T and AV of a SelfAttention (queries == keys) or CrossAttention module.
+
+    Linear layers are read through their (out, in) weights, the same for nn.Linear and MP linear layers.
+    """
     if hasattr(attn, "qkv"):
-        hidden = attn.qkv.out_features // 3
-        projections = 2 * queries * attn.qkv.in_features * 3 * hidden + 2 * queries * hidden * attn.proj.out_features
+        hidden = attn.qkv.weight.shape[0] // 3
+        projections = 2 * queries * (attn.qkv.weight.numel() + attn.proj.weight.numel())
     else:
-        hidden = attn.q_linear.out_features
-        projections = (2 * queries * attn.q_linear.in_features * hidden
-                       + 2 * keys * attn.kv_linear.in_features * 2 * hidden
-                       + 2 * queries * hidden * attn.proj.out_features)
+        hidden = attn.q_linear.weight.shape[0]
+        projections = (2 * queries * (attn.q_linear.weight.numel() + attn.proj.weight.numel())
+                       + 2 * keys * attn.kv_linear.weight.numel())
     return projections + 2 * 2 * queries * keys * hidden
 
 
 def _ffn_flops(ffn: nn.Module, tokens: int) -> int:
     if isinstance(ffn, SwiGLU):
-        return 2 * tokens * 3 * ffn.w1.in_features * ffn.w1.out_features
+        return 2 * tokens * 3 * ffn.w1.weight.numel()
     assert isinstance(ffn, ExpertChoiceMoE)
     experts, dim, hidden = ffn.w1.shape
     k = tokens_per_expert(tokens, experts, ffn.capacity)

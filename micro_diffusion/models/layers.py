@@ -4,6 +4,9 @@ Every module here is plain PyTorch, keeps the parameter names of the original Mi
 load with `strict=True`), runs attention through `F.scaled_dot_product_attention`, and has no Python loop over
 tokens or experts, so it compiles with `torch.compile` and runs under bf16 autocast.
 
+The transformer blocks take `mp`: their learned linear layers become magnitude-preserving (MPConv linears, EDM2)
+and their residual joins MP sums; see `DiT` for what exactly is MP and what stays standard.
+
 Shape legend: N batch, T image tokens, L caption tokens, D model width, H hidden width, E experts,
 K tokens per expert.
 """
@@ -15,6 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from micro_diffusion.models.mp_layers import RES_BALANCE, MPConv, mp_gelu, mp_silu, mp_sum, mp_weight, normalize_
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -29,6 +34,32 @@ def layer_norm(dim: int, eps: float) -> nn.LayerNorm:
 
 def tanh_gelu() -> nn.GELU:
     return nn.GELU(approximate="tanh")
+
+
+def linear_layer(in_features: int, out_features: int, bias: bool, mp: bool = False) -> nn.Module:
+    """A learned linear layer (..., in) -> (..., out): nn.Linear, or with `mp` a bias-free MP linear layer (MPConv
+    with kernel ()). Both store `weight` (out, in), so an MP model keeps the key layout of a bias-free one."""
+    if mp and bias:
+        raise ValueError("MP linear layers have no bias: use use_bias=False with mp=True")
+    return MPConv(in_features, out_features, ()) if mp else nn.Linear(in_features, out_features, bias=bias)
+
+
+def init_linear_(layer: nn.Module, std: float) -> None:
+    """Trunc-normal init of a standard linear layer's weight, zeros when std is 0. MP layers keep their N(0, 1)
+    init: only the direction of their weight rows matters, and a zero row could not be normalised."""
+    if isinstance(layer, MPConv):
+        return
+    if std > 0:
+        nn.init.trunc_normal_(layer.weight, std=std)
+    else:
+        nn.init.zeros_(layer.weight)
+
+
+def residual(x: torch.Tensor, branch: torch.Tensor, mp: bool) -> torch.Tensor:
+    """Residual join of x and branch (same shapes): x + branch, or with `mp` the unit-variance
+    mp_sum(x, branch, 0.3) (EDM2's residual balance: the main path keeps weight 0.7) in x's dtype (under
+    autocast the branch is bf16 and the residual stream float32)."""
+    return mp_sum(x, branch.to(x.dtype), RES_BALANCE) if mp else x + branch
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -155,49 +186,51 @@ def multi_head_attention(
 
 
 class SelfAttention(nn.Module):
-    """Self-attention at a (possibly compressed) hidden width: (N, T, D) -> (N, T, D)."""
+    """Self-attention at a (possibly compressed) hidden width: (N, T, D) -> (N, T, D). `mp`: MP projections."""
 
-    def __init__(self, dim: int, hidden_dim: int, head_dim: int, use_bias: bool, norm_eps: float) -> None:
+    def __init__(
+        self, dim: int, hidden_dim: int, head_dim: int, use_bias: bool, norm_eps: float, mp: bool = False
+    ) -> None:
         super().__init__()
         if hidden_dim % head_dim:
             raise ValueError(f"attention width {hidden_dim} is not a multiple of head_dim {head_dim}")
         self.num_heads = hidden_dim // head_dim
         self.norm_eps = norm_eps
-        self.qkv = nn.Linear(dim, 3 * hidden_dim, bias=use_bias)
-        self.proj = nn.Linear(hidden_dim, dim, bias=use_bias)
+        self.qkv = linear_layer(dim, 3 * hidden_dim, use_bias, mp)
+        self.proj = linear_layer(hidden_dim, dim, use_bias, mp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         return self.proj(multi_head_attention(q, k, v, self.num_heads, self.norm_eps))
 
     def init_weights(self, out_std: float) -> None:
-        nn.init.trunc_normal_(self.qkv.weight, std=0.02)
-        nn.init.trunc_normal_(self.proj.weight, std=out_std)
+        init_linear_(self.qkv, 0.02)
+        init_linear_(self.proj, out_std)
 
 
 class CrossAttention(nn.Module):
     """Image tokens attend to caption tokens, full width: x (N, T, D), caption (N, L, D) -> (N, T, D).
 
     No padding mask: the original attends to all caption tokens (padding included) and so do we, which keeps
-    released checkpoints' behaviour.
+    released checkpoints' behaviour. `mp`: MP projections.
     """
 
-    def __init__(self, dim: int, head_dim: int, use_bias: bool, norm_eps: float) -> None:
+    def __init__(self, dim: int, head_dim: int, use_bias: bool, norm_eps: float, mp: bool = False) -> None:
         super().__init__()
         self.num_heads = dim // head_dim
         self.norm_eps = norm_eps
-        self.q_linear = nn.Linear(dim, dim, bias=use_bias)
-        self.kv_linear = nn.Linear(dim, 2 * dim, bias=use_bias)
-        self.proj = nn.Linear(dim, dim, bias=use_bias)
+        self.q_linear = linear_layer(dim, dim, use_bias, mp)
+        self.kv_linear = linear_layer(dim, 2 * dim, use_bias, mp)
+        self.proj = linear_layer(dim, dim, use_bias, mp)
 
     def forward(self, x: torch.Tensor, caption: torch.Tensor) -> torch.Tensor:
         k, v = self.kv_linear(caption).chunk(2, dim=-1)
         return self.proj(multi_head_attention(self.q_linear(x), k, v, self.num_heads, self.norm_eps))
 
     def init_weights(self, out_std: float) -> None:
-        nn.init.trunc_normal_(self.q_linear.weight, std=0.02)
-        nn.init.trunc_normal_(self.kv_linear.weight, std=0.02)
-        nn.init.trunc_normal_(self.proj.weight, std=out_std)
+        init_linear_(self.q_linear, 0.02)
+        init_linear_(self.kv_linear, 0.02)
+        init_linear_(self.proj, out_std)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -216,21 +249,25 @@ def expert_hidden(dim: int, mlp_ratio: float, multiple_of: int) -> int:
 
 
 class SwiGLU(nn.Module):
-    """Dense feed-forward w3(SiLU(w1 x) * w2 x): (N, T, D) -> (N, T, D)."""
+    """Dense feed-forward w3(SiLU(w1 x) * w2 x): (N, T, D) -> (N, T, D).
 
-    def __init__(self, dim: int, hidden_dim: int, use_bias: bool) -> None:
+    `mp`: MP linear layers and mp_silu; for independent unit-variance w1 x and w2 x the product then has unit RMS.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, use_bias: bool, mp: bool = False) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=use_bias)
-        self.w2 = nn.Linear(dim, hidden_dim, bias=use_bias)
-        self.w3 = nn.Linear(hidden_dim, dim, bias=use_bias)
+        self.w1 = linear_layer(dim, hidden_dim, use_bias, mp)
+        self.w2 = linear_layer(dim, hidden_dim, use_bias, mp)
+        self.w3 = linear_layer(hidden_dim, dim, use_bias, mp)
+        self.act = mp_silu if mp else F.silu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w3(F.silu(self.w1(x)) * self.w2(x))
+        return self.w3(self.act(self.w1(x)) * self.w2(x))
 
     def init_weights(self, out_std: float) -> None:
-        nn.init.trunc_normal_(self.w1.weight, std=0.02)
-        nn.init.trunc_normal_(self.w2.weight, std=out_std)
-        nn.init.trunc_normal_(self.w3.weight, std=out_std)
+        init_linear_(self.w1, 0.02)
+        init_linear_(self.w2, out_std)
+        init_linear_(self.w3, out_std)
 
 
 def tokens_per_expert(num_tokens: int, num_experts: int, capacity: float) -> int:
@@ -249,16 +286,21 @@ class ExpertChoiceMoE(nn.Module):
 
     Dispatch is a gather and combine a scatter-add over (N, E*K) indices: no one-hot (N, E, K, T) tensors (the
     original's einsum form costs O(E K T D) FLOPs and memory) and no Python loop over experts.
+
+    `mp`: MP experts. The batched weights w1 (E, D, H) and w2 (E, H, D) are normalised along their fan-in axis 1
+    as MPConv normalises its rows (in the graph, and forced in place in a training forward), and GELU becomes
+    mp_gelu. The router and the probability-weighted combine stay standard (see `DiT`).
     """
 
-    def __init__(self, dim: int, hidden_dim: int, num_experts: int, capacity: float) -> None:
+    def __init__(self, dim: int, hidden_dim: int, num_experts: int, capacity: float, mp: bool = False) -> None:
         super().__init__()
         self.num_experts = num_experts
         self.capacity = capacity
+        self.mp = mp
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
         self.gate = nn.Linear(dim, num_experts, bias=False)
-        self.act = nn.GELU()
+        self.act = mp_gelu if mp else nn.GELU()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert choice. x: (N, T, D) -> weights (N, E, K) routing probabilities, indices (N, E, K) token ids."""
@@ -267,22 +309,39 @@ class ExpertChoiceMoE(nn.Module):
         weights, indices = probs.transpose(1, 2).topk(k, dim=-1)
         return weights, indices
 
+    def expert_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The expert weights as applied, w1 (E, D, H) and w2 (E, H, D): as stored, or MP-normalised with `mp`."""
+        if self.mp:
+            return mp_weight(self.w1, self.training, dim=1), mp_weight(self.w2, self.training, dim=1)
+        return self.w1, self.w2
+
+    def normalize_weight_(self) -> None:
+        """Forced weight normalisation of MP experts in place (see `mp_layers.normalize_weights_`); else nothing."""
+        if self.mp:
+            normalize_(self.w1, dim=1)
+            normalize_(self.w2, dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t, d = x.shape
         weights, indices = self.route(x)
         e, k = indices.shape[1:]
         flat_indices = indices.reshape(n, e * k, 1).expand(n, e * k, d)
         chosen = x.gather(1, flat_indices).view(n, e, k, d)
-        hidden = self.act(torch.einsum("nekd,edh->nekh", chosen, self.w1.to(chosen.dtype)))
-        expert_out = torch.einsum("nekh,ehd->nekd", hidden, self.w2.to(hidden.dtype))
+        w1, w2 = self.expert_weights()
+        hidden = self.act(torch.einsum("nekd,edh->nekh", chosen, w1.to(chosen.dtype)))
+        expert_out = torch.einsum("nekh,ehd->nekd", hidden, w2.to(hidden.dtype))
         expert_out = expert_out * weights.unsqueeze(-1).to(expert_out.dtype)
         combined = torch.zeros_like(x, dtype=expert_out.dtype)
         return combined.scatter_add(1, flat_indices, expert_out.reshape(n, e * k, d)).to(x.dtype)
 
     def init_weights(self, out_std: float) -> None:
         nn.init.trunc_normal_(self.gate.weight, std=0.02)
-        nn.init.trunc_normal_(self.w1, std=0.02)
-        nn.init.trunc_normal_(self.w2, std=out_std)
+        if self.mp:  # N(0, 1), as MPConv: only the direction of each fan-in vector matters
+            nn.init.normal_(self.w1)
+            nn.init.normal_(self.w2)
+        else:
+            nn.init.trunc_normal_(self.w1, std=0.02)
+            nn.init.trunc_normal_(self.w2, std=out_std)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -294,24 +353,28 @@ class CaptionRefiner(nn.Module):
     """One pre-LN transformer block over the caption tokens (no padding mask): (N, L, D) -> (N, L, D).
 
     Its attention output projection and FFN down-projection start at zero, so it starts as the identity.
+    `mp`: MP linear layers and MP residual sums (then it starts as a mix of 70 % input, 30 % branches).
     """
 
-    def __init__(self, dim: int, head_dim: int, multiple_of: int, norm_eps: float, use_bias: bool) -> None:
+    def __init__(
+        self, dim: int, head_dim: int, multiple_of: int, norm_eps: float, use_bias: bool, mp: bool = False
+    ) -> None:
         super().__init__()
+        self.mp = mp
         self.norm1 = layer_norm(dim, norm_eps)
-        self.attn = SelfAttention(dim, dim, head_dim, use_bias, norm_eps)
+        self.attn = SelfAttention(dim, dim, head_dim, use_bias, norm_eps, mp)
         self.norm2 = layer_norm(dim, norm_eps)
-        self.mlp = SwiGLU(dim, swiglu_hidden(dim, 4.0, multiple_of), use_bias)
+        self.mlp = SwiGLU(dim, swiglu_hidden(dim, 4.0, multiple_of), use_bias, mp)
 
     def forward(self, caption: torch.Tensor) -> torch.Tensor:
-        caption = caption + self.attn(self.norm1(caption))
-        return caption + self.mlp(self.norm2(caption))
+        caption = residual(caption, self.attn(self.norm1(caption)), self.mp)
+        return residual(caption, self.mlp(self.norm2(caption)), self.mp)
 
     def init_weights(self) -> None:
         self.attn.init_weights(out_std=0.02)
         self.mlp.init_weights(out_std=0.02)
-        nn.init.zeros_(self.attn.proj.weight)
-        nn.init.zeros_(self.mlp.w3.weight)
+        init_linear_(self.attn.proj, 0.0)
+        init_linear_(self.mlp.w3, 0.0)
 
 
 class DiTBlock(nn.Module):
@@ -320,10 +383,15 @@ class DiTBlock(nn.Module):
     x += gate_msa * SelfAttn(modulate(LN1 x)); x += CrossAttn(LN2 x, caption) (no modulation, no gate);
     x += gate_mlp * FFN(modulate(LN3 x)), the FFN being SwiGLU or an expert-choice MoE.
 
+    With `mp` the attention, cross-attention and FFN use MP linear layers, every `x += g * branch` becomes
+    x = mp_sum(x, (1 + g) * branch, 0.3), and the adaLN modulation stays a standard zero-initialised linear layer
+    (see `DiT` for why).
+
     Args:
         dim: block width D. cond_dim: width of the conditioning vector c.
         qkv_ratio / mlp_ratio: layer-wise scaling of the self-attention width and the FFN hidden width.
-        out_init_std: init std of the output projections (depth-dependent in the backbone).
+        out_init_std: init std of the output projections (depth-dependent in the backbone; unused by MP layers).
+        mp: magnitude-preserving block.
     """
 
     def __init__(
@@ -340,27 +408,36 @@ class DiTBlock(nn.Module):
         num_experts: int,
         expert_capacity: float,
         out_init_std: float,
+        mp: bool = False,
     ) -> None:
         super().__init__()
         self.out_init_std = out_init_std
+        self.mp = mp
         self.norm1 = layer_norm(dim, norm_eps)
-        self.attn = SelfAttention(dim, attention_width(dim, qkv_ratio, head_dim), head_dim, use_bias, norm_eps)
-        self.cross_attn = CrossAttention(dim, head_dim, use_bias, norm_eps)
+        attn_width = attention_width(dim, qkv_ratio, head_dim)
+        self.attn = SelfAttention(dim, attn_width, head_dim, use_bias, norm_eps, mp)
+        self.cross_attn = CrossAttention(dim, head_dim, use_bias, norm_eps, mp)
         self.norm2 = layer_norm(dim, norm_eps)
         self.norm3 = layer_norm(dim, norm_eps)
         if moe:
             hidden = expert_hidden(dim, mlp_ratio, multiple_of)
-            self.mlp: nn.Module = ExpertChoiceMoE(dim, hidden, num_experts, expert_capacity)
+            self.mlp: nn.Module = ExpertChoiceMoE(dim, hidden, num_experts, expert_capacity, mp)
         else:
-            self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio, multiple_of), use_bias)
+            self.mlp = SwiGLU(dim, swiglu_hidden(dim, mlp_ratio, multiple_of), use_bias, mp)
         self.adaLN_modulation = nn.Sequential(tanh_gelu(), nn.Linear(cond_dim, 6 * dim, bias=True))
+
+    def gated(self, branch: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """branch (N, T, D) times the adaLN gate (N, D): gate * branch, or with `mp` (1 + gate) * branch, so the
+        zero-initialised gate passes a unit-variance branch to the MP sum (EDM2's (1 + g emb) modulation)."""
+        gate = gate.unsqueeze(1)
+        return (1 + gate) * branch if self.mp else gate * branch
 
     def forward(self, x: torch.Tensor, caption: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x: (N, T, D); caption: (N, L, D); c: (N, cond_dim) -> (N, T, D)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        x = x + self.cross_attn(self.norm2(x), caption)
-        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))
+        x = residual(x, self.gated(self.attn(modulate(self.norm1(x), shift_msa, scale_msa)), gate_msa), self.mp)
+        x = residual(x, self.cross_attn(self.norm2(x), caption), self.mp)
+        return residual(x, self.gated(self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp)), gate_mlp), self.mp)
 
     def init_weights(self) -> None:
         self.attn.init_weights(self.out_init_std)

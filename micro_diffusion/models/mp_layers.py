@@ -6,7 +6,9 @@ through the network, and no layer has a bias:
 
   MPConv          convolution (kernel (k, k)) or linear layer (kernel ()) whose weight rows are normalised to unit
                   norm in the forward pass, and forced back to unit RMS in place while training
+  mp_weight       the weight an MP layer applies (MPConv's, or any batched weight given its fan-in axis)
   mp_silu         SiLU(x) / 0.596, the RMS of SiLU over N(0, 1)
+  mp_gelu         GELU(x) / 0.652, the RMS of (exact) GELU over N(0, 1)
   mp_sum, mp_cat  interpolation and concatenation rescaled to unit variance, with a balance t between the inputs
   MPFourier       sqrt(2) cos(2 pi (f c + phi)) with fixed random f ~ N(0, 1), phi ~ U(0, 1)
   pixel_norm      each pixel's channel vector scaled to unit RMS
@@ -30,6 +32,9 @@ from torch import Tensor, nn
 
 # RMS of SiLU(x) for x ~ N(0, 1): E[silu(x)^2] ~= 0.3557, sqrt ~= 0.596.
 SILU_RMS = 0.596
+# RMS of GELU(x) = x Phi(x) for x ~ N(0, 1): E[x^2 Phi(x)^2] = 1/3 + 1/(2 pi sqrt(3)) ~= 0.4252, sqrt ~= 0.6521.
+GELU_RMS = math.sqrt(1 / 3 + 1 / (2 * math.pi * math.sqrt(3)))
+RES_BALANCE = 0.3  # EDM2's weight of a residual branch in mp_sum (the main path keeps 0.7)
 NORM_EPS = 1e-4
 
 
@@ -54,6 +59,11 @@ def pixel_norm(x: Tensor, eps: float = NORM_EPS) -> Tensor:
 def mp_silu(x: Tensor) -> Tensor:
     """SiLU scaled to unit RMS for unit-normal inputs. Any shape."""
     return F.silu(x) / SILU_RMS
+
+
+def mp_gelu(x: Tensor) -> Tensor:
+    """Exact (erf) GELU scaled to unit RMS for unit-normal inputs. Any shape."""
+    return F.gelu(x) / GELU_RMS
 
 
 def mp_sum(a: Tensor, b: Tensor, t: float = 0.5) -> Tensor:
@@ -99,6 +109,25 @@ def cosine_attention(qkv: Tensor, num_heads: int) -> Tensor:
     return y.transpose(2, 3).reshape(batch, channels, height, width)
 
 
+@torch.no_grad()
+def normalize_(weight: Tensor, dim: int | None = None) -> None:
+    """Forced weight normalisation: overwrite `weight` in place with normalize(weight, dim), no gradient."""
+    weight.copy_(normalize(weight, dim))
+
+
+def mp_weight(weight: Tensor, training: bool, dim: int | None = None) -> Tensor:
+    """The weight an MP layer applies: each fan-in vector (along `dim`; every dim but the first when None, as in
+    (out, in, *kernel)) normalised to unit norm, normalize(weight, dim) / sqrt(fan_in). Same shape and dtype.
+
+    When `training`, autograd is recording and the weight requires a gradient, the stored weight is first
+    overwritten with its unit-RMS version (forced weight normalisation); EMA and frozen copies never are.
+    """
+    if training and torch.is_grad_enabled() and weight.requires_grad:
+        normalize_(weight, dim)
+    fan_in = weight[0].numel() if dim is None else weight.shape[dim]
+    return normalize(weight, dim) / math.sqrt(fan_in)
+
+
 class MPConv(nn.Module):
     """Magnitude-preserving convolution (kernel (k, k), 'same' padding) or linear layer (kernel ()), no bias.
 
@@ -126,15 +155,12 @@ class MPConv(nn.Module):
     def fan_in(self) -> int:
         return self.weight[0].numel()
 
-    @torch.no_grad()
     def normalize_weight_(self) -> None:
         """Forced weight normalisation: overwrite the stored weight with its unit-RMS-per-row version."""
-        self.weight.copy_(normalize(self.weight))
+        normalize_(self.weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training and torch.is_grad_enabled() and self.weight.requires_grad:
-            self.normalize_weight_()
-        weight = normalize(self.weight) / math.sqrt(self.fan_in)
+        weight = mp_weight(self.weight, self.training)
         if self.gain is not None:
             weight = weight * self.gain
         weight = weight.to(x.dtype)
@@ -144,13 +170,15 @@ class MPConv(nn.Module):
 
 
 def normalize_weights_(module: nn.Module) -> None:
-    """Forced weight normalisation of every MPConv in `module`, in place.
+    """Forced weight normalisation of every MP layer in `module`, in place: each submodule with a
+    `normalize_weight_` method (MPConv, and MicroDiT's expert-choice MoE, whose method is a no-op unless its
+    experts are MP).
 
     The forward pass already does this while training; call it after an optimiser step when the stored weights
     must be normalised before the next forward (e.g. before saving or exporting).
     """
     for layer in module.modules():
-        if isinstance(layer, MPConv):
+        if callable(getattr(layer, "normalize_weight_", None)):
             layer.normalize_weight_()
 
 
