@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-fast lint demo bench clean
+.PHONY: setup test-data test test-fast lint demo bench clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,11 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/pip install -e ".[test]"
 	touch $(STAMP)
 
-test: setup
+# Real data some tests train on (Fashion-MNIST from Debian; idempotent, needs root or sudo for apt-get).
+test-data:
+	bash scripts/get_offline_data.sh fashion_mnist
+
+test: setup test-data
 	$(BIN)/python -m pytest -q tests
 
 test-fast: setup

@@ -413,6 +413,7 @@ class UNetPreset:
     num_blocks: int = 3
     attn_resolutions: tuple[int, ...] = (16, 8)
     dropout: float = 0.0
+    channels_per_head: int = 64
 
 
 def _img512(model_channels: int, dropout: float) -> UNetPreset:

@@ -1,5 +1,8 @@
 """LatentDiffusion: MicroDiT + a frozen VAE + a frozen text encoder as a Composer model, with `generate()`.
 
+The denoising network is a MicroDiT, or the EDM2 U-Net behind the same interface (`UNetNetwork`), class-conditional
+or unconditional, in pixel space (the identity autoencoder) or in a latent space.
+
 Training runs on precomputed latents (the normal path) or encodes raw images and captions on the fly. The loss
 is EDM's, averaged over the patches the DiT kept when patch masking is on. Evaluation reports the loss at fixed
 noise levels with fixed noise, so validation curves are comparable across runs and checkpoints.
@@ -19,6 +22,7 @@ import random
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from composer.models import ComposerModel
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
@@ -40,16 +44,43 @@ from micro_diffusion.diffusion.samplers import (
 from micro_diffusion.encoders.text import TextEncoder, load_text_encoder, text_encoder_format
 from micro_diffusion.encoders.vae import ImageAutoencoder, load_vae
 from micro_diffusion.models.dit import DiT, create_dit
+from micro_diffusion.models.edm2_unet import EDM2UNet, create_edm2_unet
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAMPLERS = ("heun", "euler")
+UNET_FIELDS_SET_BY_THE_MODEL = ("img_resolution", "img_channels", "label_dim")
+
+
+class UNetNetwork(nn.Module):
+    """The EDM2 U-Net behind the network interface LatentDiffusion uses (that of MicroDiT).
+
+    forward(x (B, C, h, w), c_noise (B,), condition (B, 1, 1, label_dim)) -> {"sample": F (B, C, h, w), "mask": None}.
+    The condition holds one-hot class rows (an all-zero row is the null class of classifier-free guidance), which
+    the U-Net embeds with its own label layer; an unconditional U-Net (label_dim 0) gets an empty (B, 1, 1, 0)
+    condition. There are no patches to mask: mask_ratio must be 0.
+    """
+
+    patch_size = 1  # the loss is averaged over pixels (no patch masking)
+
+    def __init__(self, unet: EDM2UNet) -> None:
+        super().__init__()
+        self.unet = unet
+        self.in_channels = unet.img_channels
+        self.caption_channels = unet.label_dim
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor, mask_ratio: float = 0.0) -> dict[str, Tensor | None]:
+        if mask_ratio:
+            raise ValueError(f"the EDM2 U-Net has no patches to mask; got mask_ratio {mask_ratio}")
+        labels = y.reshape(y.shape[0], self.caption_channels) if self.caption_channels else None
+        return {"sample": self.unet(x, t, labels), "mask": None}
 
 
 class LatentDiffusion(ComposerModel):
-    """EDM latent diffusion with a MicroDiT denoiser.
+    """EDM latent diffusion with a MicroDiT (or EDM2 U-Net) denoiser.
 
     Args:
-        dit: the denoising network F.
+        dit: the denoising network F: a MicroDiT, or a `UNetNetwork`. A network with caption_channels 0 is
+            unconditional: its condition is an empty (B, 1, 1, 0) tensor and `generate` takes only seeds.
         vae: frozen image <-> latent map (its latent scale and shift live in it).
         text_encoder: frozen captions -> token states; None for class-conditional models or when training only
             on precomputed caption latents.
@@ -64,6 +95,8 @@ class LatentDiffusion(ComposerModel):
         validation_seed: seed of the fixed validation noise.
         num_classes: class-conditional model (miniLDM recipe): a learned label embedder turns `label` (B,) into a
             one-token condition (B, 1, 1, caption_channels); label dropout gives the null (all-zeros) condition.
+        one_hot_labels: with num_classes, pass labels to the network as one-hot rows (B, 1, 1, num_classes)
+            instead of through a learned label embedder, for a network with its own label layer (the EDM2 U-Net).
     Batch keys: `image_latents` (B, C, h, w), `caption_latents` (B, 1, L, C_txt), optional `drop_caption_mask`
     (B,) with 0 = replace the caption by the null (all-zeros) embedding; or `image` (B, 3, H, W) in [-1, 1]
     and `captions` (list of B strings) when latents are not precomputed; `label` (B,) for class-conditional models.
@@ -78,7 +111,7 @@ class LatentDiffusion(ComposerModel):
 
     def __init__(
         self,
-        dit: DiT,
+        dit: DiT | UNetNetwork,
         vae: ImageAutoencoder,
         text_encoder: TextEncoder | None,
         edm: EDMConfig | None = None,
@@ -90,6 +123,7 @@ class LatentDiffusion(ComposerModel):
         validation_sigmas: Sequence[float] = (0.1, 0.4, 1.0, 2.5, 8.0),
         validation_seed: int = 0,
         num_classes: int | None = None,
+        one_hot_labels: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= train_mask_ratio < 1.0:
@@ -100,6 +134,13 @@ class LatentDiffusion(ComposerModel):
             )
         if num_classes is not None and text_encoder is not None:
             raise ValueError("a class-conditional model (num_classes set) takes no text encoder")
+        if dit.caption_channels == 0 and (num_classes is not None or text_encoder is not None):
+            raise ValueError("the network is unconditional (caption_channels 0): give no num_classes, no text encoder")
+        if one_hot_labels and (num_classes or 0) != dit.caption_channels:
+            raise ValueError(
+                f"one-hot labels of {num_classes} classes need a network with caption_channels {num_classes}, "
+                f"not {dit.caption_channels}"
+            )
         if text_encoder is not None and text_encoder.width != dit.caption_channels:
             raise ValueError(
                 f"the text encoder is {text_encoder.width} wide but the DiT expects {dit.caption_channels}"
@@ -116,7 +157,9 @@ class LatentDiffusion(ComposerModel):
         self.validation_sigmas = tuple(float(s) for s in validation_sigmas)
         self.validation_seed = validation_seed
         self.num_classes = num_classes
-        self.label_embedder = nn.Embedding(num_classes, dit.caption_channels) if num_classes else None
+        self.label_embedder = None
+        if num_classes and not one_hot_labels:
+            self.label_embedder = nn.Embedding(num_classes, dit.caption_channels)
         if self.label_embedder is not None:
             nn.init.normal_(self.label_embedder.weight, std=1.0)  # unit scale, like normalised text states
         for frozen in (vae, text_encoder):
@@ -144,18 +187,32 @@ class LatentDiffusion(ComposerModel):
             )
         return self.vae.encode(batch[self.image_key].to(self.vae.dtype)).float()
 
+    @property
+    def unconditional(self) -> bool:
+        """Whether the network takes no condition at all (caption_channels 0)."""
+        return self.dit.caption_channels == 0
+
     def label_condition(self, labels: Tensor) -> Tensor:
-        """Class labels (B,) -> one-token condition (B, 1, 1, caption_channels) float32."""
-        if self.label_embedder is None:
+        """Class labels (B,) -> one-token condition (B, 1, 1, caption_channels) float32: the learned label
+        embedding, or one-hot rows (caption_channels = num_classes) when the network embeds labels itself."""
+        if self.num_classes is None:
             raise RuntimeError("this model is not class-conditional (built without num_classes)")
-        labels = torch.as_tensor(labels, device=self.label_embedder.weight.device).long()
+        embedder = self.label_embedder
+        device = embedder.weight.device if embedder is not None else next(self.dit.parameters()).device
+        labels = torch.as_tensor(labels, device=device).long()
         if labels.min() < 0 or labels.max() >= self.num_classes:
             raise ValueError(f"class labels must be in [0, {self.num_classes}), got {labels.tolist()}")
-        return self.label_embedder(labels).float()[:, None, None, :]
+        if embedder is None:
+            return F.one_hot(labels, self.num_classes).float()[:, None, None, :]
+        return embedder(labels).float()[:, None, None, :]
 
     def caption_latents(self, batch: dict) -> Tensor:
-        """(B, 1, L, C_txt) float32 caption states, with dropped captions replaced by the null embedding."""
-        if self.label_embedder is not None:
+        """(B, 1, L, C_txt) float32 caption states, with dropped captions replaced by the null embedding;
+        (B, 1, 1, 0) for an unconditional network."""
+        if self.unconditional:
+            images = batch[self.image_latents_key if self.image_latents_key in batch else self.image_key]
+            return torch.zeros(images.shape[0], 1, 1, 0, device=images.device)
+        if self.num_classes is not None:
             caption = self.label_condition(batch[self.label_key])
         elif self.caption_latents_key in batch:
             caption = batch[self.caption_latents_key].float()
@@ -288,13 +345,23 @@ class LatentDiffusion(ComposerModel):
         batch it is generated in; seed 0 is a seed like any other. seed=None draws random seeds.
         Guidance (scale > 1) runs conditional and null-caption predictions in one batched forward, optionally
         only for sigmas inside `guidance_interval`. `sampler` is "heun" (EDM, 2N - 1 evaluations) or "euler".
+        An unconditional model takes only `seeds` (one image each) and guidance_scale 1.
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         device = next(self.dit.parameters()).device
-        caption = self.encode_prompts(prompt, tokenized_prompts, attention_mask, class_labels).to(device).float()
+        if self.unconditional:
+            conditions = (prompt, tokenized_prompts, class_labels)
+            if seeds is None or guidance_scale != 1.0 or any(c is not None for c in conditions):
+                raise ValueError(
+                    "an unconditional model generates one image per seed: pass `seeds` and guidance_scale=1.0, "
+                    "and no prompts or class labels"
+                )
+            caption = torch.zeros(len(seeds), 1, 1, 0, device=device)
+        else:
+            caption = self.encode_prompts(prompt, tokenized_prompts, attention_mask, class_labels).to(device).float()
         batch_size = caption.shape[0]
         if seeds is None:
             base = random.randrange(2**31) if seed is None else int(seed)
@@ -336,6 +403,9 @@ def create_latent_diffusion(
     num_classes: int | None = None,
     label_embedding_dim: int = 256,
     dit_kwargs: dict | None = None,
+    unet_preset: str | None = None,
+    unet_config: str | None = None,
+    unet_kwargs: dict | None = None,
 ) -> LatentDiffusion:
     """Build a LatentDiffusion by names, with the original's arguments and defaults (plus a few of ours).
 
@@ -344,27 +414,73 @@ def create_latent_diffusion(
     for training on precomputed caption latents only (`generate` then raises). `dit_kwargs` go to the DiT
     constructor (e.g. `{"use_patch_mixer": False}`). Class-conditional models (the miniLDM recipe) pass
     `num_classes` and `text_encoder_name=None`; labels are embedded to `label_embedding_dim` channels.
+
+    `unet_preset` (a key of `edm2_unet.PRESETS`, e.g. "cifar-XXS") replaces the DiT by the EDM2 U-Net in
+    configuration `unet_config` ("C", "E" or "G"; default "G"), with preset fields overridden by `unet_kwargs`
+    (model_channels, num_blocks, ...); its resolution, channels and classes are latent_res, in_channels and
+    num_classes. It is class-conditional (one-hot labels into its own label layer) or, with num_classes and
+    text_encoder_name both None, unconditional. The DiT's own arguments and patch masking do not apply to it.
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if (num_classes is None) == (text_encoder_name is None):
-        raise ValueError("set exactly one of text_encoder_name (text-to-image) and num_classes (class-conditional)")
     torch_dtype = DTYPES[dtype]
-    if num_classes is None:
-        _, caption_channels = text_encoder_format(text_encoder_name)
+    if unet_preset is None:
+        if unet_config is not None or unet_kwargs is not None:
+            raise ValueError("unet_config and unet_kwargs configure the EDM2 U-Net: set unet_preset too")
+        network = _create_dit_network(
+            dit_arch, text_encoder_name, num_classes, label_embedding_dim, latent_res, in_channels, pos_interp_scale,
+            dit_kwargs,
+        )
     else:
-        caption_channels = label_embedding_dim
-    dit = create_dit(
-        dit_arch, input_size=latent_res, in_channels=in_channels, pos_interp_scale=pos_interp_scale,
-        caption_channels=caption_channels, **(dit_kwargs or {}),
-    )
+        if dit_kwargs is not None or train_mask_ratio:
+            raise ValueError("dit_kwargs and train_mask_ratio configure the MicroDiT, which unet_preset replaces")
+        if text_encoder_name is not None:
+            raise ValueError("the EDM2 U-Net is class-conditional or unconditional: set text_encoder_name to None")
+        network = _create_unet_network(unet_preset, unet_config or "G", unet_kwargs or {}, latent_res, in_channels,
+                                       num_classes)
     vae = load_vae(vae_name, dtype=torch_dtype)
     text_encoder = None
     if text_encoder_name is not None and load_text_encoder_weights:
         text_encoder = load_text_encoder(text_encoder_name, dtype=torch_dtype)
     edm = EDMConfig(sigma_data=sigma_data, p_mean=p_mean, p_std=p_std)
     return LatentDiffusion(
-        dit, vae, text_encoder, edm=edm, train_mask_ratio=train_mask_ratio, latent_res=latent_res,
+        network, vae, text_encoder, edm=edm, train_mask_ratio=train_mask_ratio, latent_res=latent_res,
         precomputed_latents=precomputed_latents, dtype=torch_dtype, learned_loss_weighting=learned_loss_weighting,
-        num_classes=num_classes,
+        num_classes=num_classes, one_hot_labels=unet_preset is not None,
     )
+
+
+def _create_dit_network(
+    dit_arch: str,
+    text_encoder_name: str | None,
+    num_classes: int | None,
+    label_embedding_dim: int,
+    latent_res: int,
+    in_channels: int,
+    pos_interp_scale: float,
+    dit_kwargs: dict | None,
+) -> DiT:
+    """The MicroDiT of `create_latent_diffusion`, conditioned on text or on class labels."""
+    if (num_classes is None) == (text_encoder_name is None):
+        raise ValueError("set exactly one of text_encoder_name (text-to-image) and num_classes (class-conditional)")
+    if num_classes is None:
+        _, caption_channels = text_encoder_format(text_encoder_name)
+    else:
+        caption_channels = label_embedding_dim
+    return create_dit(
+        dit_arch, input_size=latent_res, in_channels=in_channels, pos_interp_scale=pos_interp_scale,
+        caption_channels=caption_channels, **(dit_kwargs or {}),
+    )
+
+
+def _create_unet_network(
+    preset: str, config: str, overrides: dict, latent_res: int, in_channels: int, num_classes: int | None
+) -> UNetNetwork:
+    """The EDM2 U-Net of `create_latent_diffusion` on latent_res x latent_res x in_channels inputs."""
+    fixed = sorted(set(overrides) & set(UNET_FIELDS_SET_BY_THE_MODEL))
+    if fixed:
+        raise ValueError(f"unet_kwargs {fixed} are set by latent_res, in_channels and num_classes")
+    unet = create_edm2_unet(
+        preset, config, img_resolution=latent_res, img_channels=in_channels, label_dim=num_classes or 0, **overrides
+    )
+    return UNetNetwork(unet)

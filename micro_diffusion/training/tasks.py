@@ -22,7 +22,7 @@ from streaming import StreamingDataset
 
 from micro_diffusion.data.loader import build_streaming_latents_dataloader
 from micro_diffusion.encoders.text import text_encoder_format
-from micro_diffusion.models.model import LatentDiffusion, create_latent_diffusion
+from micro_diffusion.models.model import LatentDiffusion, UNetNetwork, create_latent_diffusion
 from micro_diffusion.training.config import ConfigError, RunConfig, check_arguments, validate_section
 
 
@@ -79,6 +79,8 @@ class LatentDataConfig:
 
 
 _STREAMING_SET_BY_LOADER = ("streams", "batch_size", "shuffle", "shuffle_seed")
+# `model` keys that configure the MicroDiT, so have no effect when model.unet_preset selects the EDM2 U-Net.
+_DIT_ONLY_MODEL_KEYS = ("dit_arch", "dit_kwargs", "pos_interp_scale", "label_embedding_dim", "train_mask_ratio")
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,10 @@ def diffusion_spec(run: RunConfig) -> DiffusionSpec:
     """Validate the `model` (arguments of `create_latent_diffusion`) and `data` sections without loading
     anything, so a bad key fails before a large model or dataset is touched."""
     check_arguments(create_latent_diffusion, run.model, "model")
+    if run.model.get("unet_preset") is not None:
+        unused = [key for key in _DIT_ONLY_MODEL_KEYS if key in run.model]
+        if unused:
+            raise ConfigError(f"model.{unused[0]}: configures the MicroDiT, which model.unet_preset replaces")
     data = validate_section(LatentDataConfig, run.data, "data")
     if not data.train_streams:
         raise ConfigError("data.train_streams: no training data given")
@@ -178,9 +184,19 @@ def _shard_format(model_arguments: Mapping[str, Any], data: LatentDataConfig) ->
 
 
 def _mark_checkpointable_blocks(model: LatentDiffusion) -> None:
-    """Transformer blocks are the units of activation checkpointing (used when FSDP enables it)."""
-    for block in [*model.dit.patch_mixer, *model.dit.blocks]:
+    """Transformer blocks (U-Net blocks) are the units of FSDP wrapping and of activation checkpointing.
+
+    Each checkpointed block must be its own FSDP unit: with one unit for the whole network, the recomputation in
+    the backward pass reads bf16 parameter copies that FSDP has already freed (seen on an H100, issue 6).
+    """
+    network = model.dit
+    if isinstance(network, UNetNetwork):
+        blocks = [*network.unet.encoder.values(), *network.unet.decoder.values()]
+    else:
+        blocks = [*network.patch_mixer, *network.blocks]
+    for block in blocks:
         block._activation_checkpointing = True
+        block._fsdp_wrap = True
 
 
 # ----------------------------------------------------------------------------------------------------------------
