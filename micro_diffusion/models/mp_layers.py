@@ -69,9 +69,10 @@ def mp_gelu(x: Tensor) -> Tensor:
 def mp_sum(a: Tensor, b: Tensor, t: float = 0.5) -> Tensor:
     """(1 - t) a + t b scaled back to unit variance for independent unit-variance a, b (same shapes).
 
-    t is the weight of b: t = 0.3 keeps 70 % of a residual main path.
+    t is the weight of b: t = 0.3 keeps 70 % of a residual main path. The result has a's dtype (under autocast
+    a float32 main path may meet a bf16 branch, which `lerp` would reject).
     """
-    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t**2)
+    return a.lerp(b.to(a.dtype), t) / math.sqrt((1 - t) ** 2 + t**2)
 
 
 def mp_cat(a: Tensor, b: Tensor, dim: int = 1, t: float = 0.5) -> Tensor:
