@@ -155,3 +155,11 @@ def test_cosine_attention_matches_explicit_softmax_and_ignores_vector_scale() ->
 def test_clip_activations() -> None:
     x = torch.tensor([-1000.0, -3.0, 0.0, 255.0, 300.0])
     assert torch.equal(clip_activations(x), torch.tensor([-256.0, -3.0, 0.0, 255.0, 256.0]))
+
+
+def test_mp_sum_keeps_the_main_path_dtype_under_autocast():
+    """A float32 main path meets a bf16 branch under autocast (config G on GPU); lerp alone rejects that."""
+    main, branch = torch.randn(4, 8), torch.randn(4, 8)
+    mixed = mp_sum(main, branch.bfloat16(), t=0.3)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, mp_sum(main, branch.bfloat16().float(), t=0.3))
