@@ -15,6 +15,7 @@ whether or not the training forward is compiled.
 from __future__ import annotations
 
 import importlib.util
+import re
 import warnings
 from dataclasses import asdict
 from typing import Any
@@ -89,6 +90,29 @@ def configured_entries(section: dict[str, Any], registry: dict[str, Any], prefix
     ]
 
 
+def callback_entries(run: RunConfig) -> list[tuple[str, Any, dict]]:
+    """`configured_entries` of the `callbacks` section, with points and intervals given in images ("256000sp")
+    turned into batches of the global batch `data.train_batch_size` (our callbacks count optimizer steps)."""
+    global_batch = run.data.get("train_batch_size")
+    return [
+        (path, target, {key: images_to_batches(value, global_batch, f"{path}.{key}") for key, value in args.items()})
+        for path, target, args in configured_entries(run.callbacks, CALLBACKS, "callbacks")
+    ]
+
+
+def images_to_batches(value: Any, global_batch: int | None, path: str) -> Any:
+    """"<n>sp" -> "<n / global_batch>ba"; any other value unchanged. n must be a whole number of batches."""
+    match = re.fullmatch(r"\s*(\d+)\s*sp\s*", value) if isinstance(value, str) else None
+    if match is None:
+        return value
+    if not global_batch:
+        raise ConfigError(f"{path}: {value!r} counts images, but data.train_batch_size (the global batch) is not set")
+    images = int(match.group(1))
+    if images % global_batch:
+        raise ConfigError(f"{path}: {value!r} is not a whole number of batches of {global_batch} images")
+    return f"{images // global_batch}ba"
+
+
 def scheduler_entry(run: RunConfig) -> tuple[type, dict]:
     """The scheduler class named by `scheduler.name` and its arguments (the rest of the section)."""
     arguments = dict(run.scheduler)
@@ -106,9 +130,7 @@ def check_run(run: RunConfig) -> None:
     if run.task in TASK_CHECKS:
         TASK_CHECKS[run.task](run)
     check_arguments(*scheduler_entry(run), "scheduler")
-    for path, target, arguments in [
-        *configured_entries(run.callbacks, CALLBACKS, "callbacks"), *configured_entries(run.logger, LOGGERS, "logger")
-    ]:
+    for path, target, arguments in [*callback_entries(run), *configured_entries(run.logger, LOGGERS, "logger")]:
         check_arguments(target, arguments, path)
 
 
@@ -156,8 +178,7 @@ def build_trainer(run: RunConfig, components: TaskComponents) -> Trainer:
     algorithms = build_algorithms(run, components.model)  # before the optimiser: it may replace LayerNorms
     optimizer = build_adamw(components.model, **asdict(run.optimizer))
     scheduler = call_with(*scheduler_entry(run), "scheduler")
-    callbacks = [call_with(target, arguments, path) for path, target, arguments in
-                 configured_entries(run.callbacks, CALLBACKS, "callbacks")]
+    callbacks = [call_with(target, arguments, path) for path, target, arguments in callback_entries(run)]
     loggers = [call_with(target, arguments, path) for path, target, arguments in
                configured_entries(run.logger, LOGGERS, "logger")]
     evaluation = dict(

@@ -85,3 +85,16 @@ def test_an_ignore_key_that_matches_nothing_is_an_error():
         assert state_dict["state"]["schedulers"]["LambdaLR"] == {}
         with pytest.raises(UserWarning, match="No parts from loaded checkpoint"):
             glob_filter(["state/optimizers/AdamW/param_groups/lr"])(state_dict)
+
+
+def test_callback_intervals_in_images_become_batches():
+    """EDM2 counts training time in images: a callback's "<n>sp" is n / global batch optimizer steps."""
+    run = compose_run("data.train_batch_size=8", "callbacks.image_grid.interval=64sp",
+                      "+callbacks.ema={smoothing:0.9,ema_start:16sp}")
+    entries = {path: arguments for path, _, arguments in train.callback_entries(run)}
+    assert entries["callbacks.image_grid"]["interval"] == "8ba" and entries["callbacks.ema"]["ema_start"] == "2ba"
+    assert train.images_to_batches("100ba", 8, "x") == "100ba" and train.images_to_batches(3, 8, "x") == 3
+    with pytest.raises(ConfigError, match="callbacks.ema.ema_start.*whole number of batches of 8"):
+        train.check_run(compose_run("data.train_batch_size=8", "+callbacks.ema={smoothing:0.9,ema_start:12sp}"))
+    with pytest.raises(ConfigError, match="train_batch_size"):
+        train.images_to_batches("64sp", None, "callbacks.image_grid.interval")
