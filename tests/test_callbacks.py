@@ -422,6 +422,22 @@ def test_mfu_is_omitted_without_a_known_peak_and_class_labels_count_one_token():
     assert values["throughput/tokens_per_sec"] == pytest.approx(values["throughput/images_per_sec"] * 16, rel=1e-9)
 
 
+def test_throughput_of_a_network_without_a_flop_counter_is_images_per_second():
+    """The EDM2 U-Net has no analytic FLOP counter: the monitor logs images/s only."""
+    torch.manual_seed(0)
+    model = create_latent_diffusion(
+        vae_name="identity", text_encoder_name=None, num_classes=NUM_CLASSES, latent_res=LATENT_RES, in_channels=3,
+        dtype="float32", unet_preset="cifar-XXS",
+        unet_kwargs={"model_channels": 16, "num_blocks": 1, "channel_mult": [1], "attn_resolutions": [],
+                     "channels_per_head": 16},
+    )
+    logger = InMemoryLogger()
+    make_trainer(model, [ThroughputMonitor(window_size=1, log_interval=1)], max_duration="2ba", loggers=[logger]).fit()
+    logged = {key for key in logger.data if key.startswith("throughput/")}
+    assert logged == {"throughput/images_per_sec", "throughput/device/images_per_sec"}
+    assert logger.most_recent_values["throughput/images_per_sec"] > 0
+
+
 def test_throughput_arguments_give_clear_errors():
     with pytest.raises(ValueError, match="window_size and log_interval"):
         ThroughputMonitor(window_size=0)

@@ -9,8 +9,10 @@ from composer.devices import DeviceCPU
 from composer.optim import compile_composer_scheduler
 from torch import nn
 
+from micro_diffusion.models.dit import create_dit
 from micro_diffusion.models.layers import ExpertChoiceMoE
 from micro_diffusion.models.model import create_latent_diffusion
+from micro_diffusion.models.mp_layers import MPConv
 from micro_diffusion.training.optim import SCHEDULERS, InverseSqrtScheduler, build_adamw, parameter_groups
 
 LR, WEIGHT_DECAY, MOE_SCALE = 1e-3, 0.1, 0.5
@@ -61,6 +63,17 @@ def test_no_decay_on_norms_biases_and_embeddings(model):
         assert membership[id(param)]["weight_decay"] == expected, name
     assert all(checked.values()), f"the model should have every kind of parameter: {checked}"
     assert membership[id(model.label_embedder.weight)]["weight_decay"] == 0.0
+
+
+def test_no_decay_on_magnitude_preserving_weights():
+    """MP linear layers and MP experts are renormalised at every training forward: decay would only fight that."""
+    dit = create_dit("MicroDiT_XXS_2", input_size=8, in_channels=4, caption_channels=32, mp=True)
+    membership = group_of(parameter_groups(dit, LR, WEIGHT_DECAY))
+    mp_weights = [m.weight for m in dit.modules() if isinstance(m, MPConv)]
+    experts = [p for m in dit.modules() if isinstance(m, ExpertChoiceMoE) for p in (m.w1, m.w2)]
+    assert mp_weights and experts
+    assert all(membership[id(p)]["weight_decay"] == 0.0 for p in [*mp_weights, *experts])
+    assert membership[id(dit.x_embedder.proj.weight)]["weight_decay"] == WEIGHT_DECAY  # not MP: still decayed
 
 
 def test_decay_all_reproduces_the_original(model):

@@ -403,6 +403,9 @@ class ThroughputMonitor(Callback):
       training step per image, `dit.training_flops(train_mask_ratio, caption_length)` (frozen encoders excluded);
     - `throughput/device/mfu`: device FLOP/s over the peak FLOP/s of one device, when that peak is known.
 
+    Tokens, FLOP/s and MFU need the MicroDiT's analytic FLOP counter; for a network without one (the EDM2 U-Net)
+    only images/s are logged.
+
     Args:
         window_size: batches averaged over.
         log_interval: batches between logs.
@@ -436,7 +439,17 @@ class ThroughputMonitor(Callback):
             return
         (start_seconds, start_images), (end_seconds, end_images) = self._history[0], self._history[-1]
         images_per_sec = (end_images - start_images) / (end_seconds - start_seconds)
+        world_size = dist.get_world_size()
+        metrics = {
+            "throughput/images_per_sec": images_per_sec,
+            "throughput/device/images_per_sec": images_per_sec / world_size,
+        }
         model = _unwrap(state.model)
+        if hasattr(model.dit, "training_flops"):  # MicroDiT; the EDM2 U-Net has no analytic counter
+            metrics.update(self._token_and_flop_metrics(model, state, images_per_sec, world_size))
+        logger.log_metrics(metrics)
+
+    def _token_and_flop_metrics(self, model: nn.Module, state: State, images_per_sec: float, world_size: int) -> dict:
         if self._flops_per_image is None:
             # The FLOP counter reads weight shapes, which FSDP flattens and shards outside summon_full_params.
             with FullyShardedDataParallel.summon_full_params(model.dit, writeback=False):
@@ -444,11 +457,8 @@ class ThroughputMonitor(Callback):
                     model.train_mask_ratio, _condition_length(model, state.batch)
                 )
         tokens_per_image = num_kept_tokens(model.dit.num_tokens, model.train_mask_ratio)
-        world_size = dist.get_world_size()
         flops_per_sec = images_per_sec * self._flops_per_image
         metrics = {
-            "throughput/images_per_sec": images_per_sec,
-            "throughput/device/images_per_sec": images_per_sec / world_size,
             "throughput/tokens_per_sec": images_per_sec * tokens_per_image,
             "throughput/device/tokens_per_sec": images_per_sec * tokens_per_image / world_size,
             "throughput/flops_per_sec": flops_per_sec,
@@ -456,4 +466,4 @@ class ThroughputMonitor(Callback):
         }
         if self._peak_flops is not None:
             metrics["throughput/device/mfu"] = flops_per_sec / world_size / self._peak_flops
-        logger.log_metrics(metrics)
+        return metrics

@@ -1,9 +1,11 @@
 """Optimiser parameter groups and learning-rate schedules.
 
 Parameter groups: weight decay applies to weight matrices only; norm scales, biases and embedding tables are
-not decayed. Parameters of expert-choice MoE layers (their expert weights `w1`, `w2` and router `gate`) are
-found by module type, not by name, and get `lr * moe_lr_scale`. (The original intended half the learning
-rate for MoE parameters but filtered on a name, "moe", that no parameter has, so the scale never applied.)
+not decayed, nor are magnitude-preserving weights (EDM2's MPConv and MP experts), whose forced weight
+normalisation resets their norm at every training forward, so decay would only fight it. Parameters of
+expert-choice MoE layers (their expert weights `w1`, `w2` and router `gate`) are found by module type, not by
+name, and get `lr * moe_lr_scale`. (The original intended half the learning rate for MoE parameters but
+filtered on a name, "moe", that no parameter has, so the scale never applied.)
 Buffers such as the fixed position embedding and the mask token are not parameters and never reach the
 optimiser.
 
@@ -29,9 +31,10 @@ from composer.optim import (
 from torch import nn
 
 from micro_diffusion.models.layers import ExpertChoiceMoE
+from micro_diffusion.models.mp_layers import MPConv
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
-NO_DECAY_TYPES: tuple[type[nn.Module], ...] = (*NORM_TYPES, nn.Embedding)
+NO_DECAY_TYPES: tuple[type[nn.Module], ...] = (*NORM_TYPES, nn.Embedding, MPConv)
 
 
 def _trainable_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter, nn.Module]]:
@@ -49,8 +52,9 @@ def _expert_parameter_ids(model: nn.Module) -> set[int]:
 
 
 def is_decayed(name: str, module: nn.Module) -> bool:
-    """Weight decay applies to everything but norms, embedding tables and biases."""
-    return not isinstance(module, NO_DECAY_TYPES) and name.rsplit(".", 1)[-1] != "bias"
+    """Weight decay applies to everything but norms, embedding tables, biases and magnitude-preserving weights."""
+    magnitude_preserving = isinstance(module, ExpertChoiceMoE) and module.mp  # its own parameters: the experts
+    return not isinstance(module, NO_DECAY_TYPES) and not magnitude_preserving and name.rsplit(".", 1)[-1] != "bias"
 
 
 def parameter_groups(
