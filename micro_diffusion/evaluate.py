@@ -1,15 +1,23 @@
-"""`micro-diffusion eval`: generate N samples from DiT weights and score them, with the protocol in the report.
+"""`micro-diffusion eval`: generate N samples from trained weights and score them, with the protocol in the report.
 
     micro-diffusion eval --weights dit.safetensors --dit-arch MicroDiT_XS_2 --latent-res 8 --vae <ae folder> \\
         --text-encoder minilm --prompts shapes --num-samples 500 --metrics fd kid shapes \\
         --reference-source shapes --reference-option resolution=32 --reference-option num_samples=5000 \\
         --steps 30 --guidance 3 --out outputs/eval
+    micro-diffusion eval --weights ema-000006400000-0.100.safetensors --model-config edm2_run.yaml \\
+        --prompts classes --num-samples 10000 --metrics fd kid pr --guidance 2 \\
+        --reference-source fashion_mnist --reference-option split=test --reference-count 10000
 
-Prompts come from the shapes grammar (`--prompts shapes`, scored by the shapes checker) or from a text file with
-one prompt per line (cycled to N). Frechet distance, KID and precision/recall compare the samples with a
-reference set read through any registered source; its feature statistics are cached per (dataset, resolution,
-extractor). The report (JSON) states extractor, N, reference set, sampler, steps, guidance and seed next to
-every number, and a grid of the first samples is saved beside it.
+The model is described as for `micro-diffusion generate` (model flags and/or --model-config; see its --help).
+Sample i uses seed `--seed` + i and, by the model's conditioning:
+- text-to-image: a prompt from the shapes grammar (`--prompts shapes`, the default, scored by the shapes checker)
+  or from a text file with one prompt per line (cycled to N);
+- class-conditional: class label i mod num_classes (`--prompts classes`, the default);
+- unconditional: nothing (no --prompts).
+Frechet distance, KID and precision/recall compare the samples with a reference set read through any registered
+source; its feature statistics are cached per (dataset, resolution, extractor). The shapes and CLIP scores need
+text prompts. The report (JSON) states extractor, N, reference set, sampler, steps, guidance, seed and what the
+samples were conditioned on next to every number, and a grid of the first samples is saved beside it.
 """
 
 from __future__ import annotations
@@ -37,10 +45,19 @@ from micro_diffusion.eval.frechet import (
 )
 from micro_diffusion.eval.report import EvalProtocol, metric_records, save_sample_grid, write_report
 from micro_diffusion.eval.shapes_score import shapes_score
-from micro_diffusion.generate import add_model_arguments, add_sampling_arguments, build_model
+from micro_diffusion.generate import (
+    CONDITIONINGS,
+    Condition,
+    add_model_arguments,
+    add_sampling_arguments,
+    build_model,
+    resolve_model,
+    sample_images,
+)
 from micro_diffusion.models.model import LatentDiffusion
 
 METRICS = ("fd", "kid", "pr", "shapes", "clip")
+TEXT_METRICS = ("shapes", "clip")  # scores of images against their text prompts
 
 
 def load_prompts(spec: str, num_samples: int, seed: int) -> list[str]:
@@ -56,15 +73,28 @@ def load_prompts(spec: str, num_samples: int, seed: int) -> list[str]:
     return list(itertools.islice(itertools.cycle(lines), num_samples))
 
 
+def sample_conditions(args: argparse.Namespace) -> tuple[list[Condition], str]:
+    """One condition per sample (see `resolve_prompts`) and how they were chosen, for the report."""
+    if args.conditioning == "unconditional":
+        return [None] * args.num_samples, "unconditional"
+    if args.conditioning == "class":
+        num_classes = args.model["num_classes"]
+        return [i % num_classes for i in range(args.num_samples)], f"class labels: sample i gets i mod {num_classes}"
+    prompts = load_prompts(args.prompts, args.num_samples, args.seed)
+    source = "the shapes grammar" if args.prompts == "shapes" else f"{args.prompts}, cycled"
+    return prompts, f"prompts from {source}"
+
+
 def generate_samples(
-    model: LatentDiffusion, prompts: list[str], seed: int, batch_size: int, **sampling
+    model: LatentDiffusion, conditions: list[Condition], seed: int, batch_size: int, **sampling
 ) -> Tensor:
-    """Images (N, 3, H, W) in [0, 1] on the CPU; sample i uses seed + i whatever the batch size."""
+    """Images (N, 3, H, W) in [0, 1] on the CPU, N = len(conditions): sample i uses seed + i and conditions[i]
+    (a prompt, a class label or None, as the model takes; see `generate.sample_images`) whatever the batch size."""
     batches = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc="generating", unit="batch"):
-        chunk = prompts[start:start + batch_size]
-        seeds = [seed + start + i for i in range(len(chunk))]
-        batches.append(model.generate(prompt=chunk, seeds=seeds, **sampling).cpu())
+    for start in tqdm(range(0, len(conditions), batch_size), desc="generating", unit="batch"):
+        chunk = conditions[start:start + batch_size]
+        seeds = range(seed + start, seed + start + len(chunk))
+        batches.append(sample_images(model, chunk, seeds, **sampling).cpu())
     return torch.cat(batches)
 
 
@@ -100,10 +130,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     add_sampling_arguments(parser, seed=0)
-    parser.add_argument("--prompts", default="shapes", help="'shapes' or a text file of prompts")
+    parser.add_argument("--prompts", help="text-to-image: 'shapes' (default) or a text file of prompts; "
+                        "class-conditional: 'classes' (default); unconditional: none")
     parser.add_argument("--num-samples", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--metrics", nargs="+", choices=METRICS, default=["fd", "kid", "shapes"])
+    parser.add_argument("--metrics", nargs="+", choices=METRICS,
+                        help="default: fd kid, and shapes with --prompts shapes")
     parser.add_argument("--extractor", default="efficientnet-lite0")
     parser.add_argument("--extractor-weights", help="weights file of the extractor (Inception, DINOv2, CLIP)")
     parser.add_argument("--clip-weights", help="OpenCLIP folder or checkpoint for the CLIP score "
@@ -115,11 +147,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=Path("outputs/eval_cache"))
     parser.add_argument("--out", type=Path, default=Path("outputs/eval"))
     args = parser.parse_args(argv)
+    resolve_model(parser, args)
+    resolve_prompts(parser, args)
+    if args.metrics is None:
+        args.metrics = ["fd", "kid", "shapes"] if args.prompts == "shapes" else ["fd", "kid"]
     if {"fd", "kid", "pr"} & set(args.metrics) and not args.reference_source:
         parser.error("fd, kid and pr need --reference-source")
+    text_metrics = [name for name in TEXT_METRICS if name in args.metrics]
+    if text_metrics and args.conditioning != "text":
+        parser.error(f"{' and '.join(text_metrics)} score images against their text prompts, and the model is "
+                     f"{CONDITIONINGS[args.conditioning]} (use fd, kid or pr)")
     if "shapes" in args.metrics and args.prompts != "shapes":
         parser.error("the shapes metric needs --prompts shapes")
     return args
+
+
+def resolve_prompts(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Default --prompts by the model's conditioning (shapes, classes or none) and check that it fits the model."""
+    if args.conditioning == "unconditional":
+        if args.prompts is not None:
+            parser.error(f"an unconditional model samples from seeds alone: drop --prompts {args.prompts}")
+    elif args.conditioning == "class":
+        args.prompts = args.prompts or "classes"
+        if args.prompts != "classes":
+            parser.error(f"a class-conditional model takes --prompts classes, not {args.prompts}")
+    else:
+        args.prompts = args.prompts or "shapes"
+        if args.prompts == "classes":
+            parser.error("--prompts classes needs a class-conditional model (num_classes in --model-config)")
 
 
 def feature_metrics(args: argparse.Namespace, images: Tensor) -> tuple[dict[str, float], str]:
@@ -143,8 +198,8 @@ def feature_metrics(args: argparse.Namespace, images: Tensor) -> tuple[dict[str,
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     model = build_model(args)
-    prompts = load_prompts(args.prompts, args.num_samples, args.seed)
-    images = generate_samples(model, prompts, args.seed, args.batch_size, guidance_scale=args.guidance,
+    conditions, conditioning = sample_conditions(args)
+    images = generate_samples(model, conditions, args.seed, args.batch_size, guidance_scale=args.guidance,
                               num_inference_steps=args.steps, sampler=args.sampler)
     args.out.mkdir(parents=True, exist_ok=True)
     grid = save_sample_grid(images[:64], args.out / "samples.png")
@@ -156,18 +211,19 @@ def main(argv: list[str] | None = None) -> None:
                                 args.seed)
         records += metric_records(metrics, protocol)
     if "shapes" in args.metrics:
-        score = shapes_score(images, prompts)
+        score = shapes_score(images, conditions)
         count = int(score.pop("num_images"))
         protocol = EvalProtocol("shapes-checker", count, "shapes grammar prompts", sampler, args.steps,
                                 args.guidance, args.seed)
         records += metric_records({f"shapes/{k}": v for k, v in score.items()}, protocol)
     if "clip" in args.metrics:
         scorer = load_clip_score(args.clip_weights, args.clip_model, device=args.device)
-        pairs = ((images[i:i + args.batch_size], prompts[i:i + args.batch_size])
+        pairs = ((images[i:i + args.batch_size], conditions[i:i + args.batch_size])
                  for i in range(0, len(images), args.batch_size))
         protocol = EvalProtocol(scorer.name, len(images), "the generation prompts", sampler,
                                 args.steps, args.guidance, args.seed)
         records += metric_records({"clip_score": clip_score(pairs, scorer)}, protocol)
+    records = [record | {"conditioning": conditioning} for record in records]
     report = write_report(args.out / "report.json", records, sample_grid=grid)
     print(json.dumps({r["metric"]: round(r["value"], 4) for r in report["results"]}, indent=2))
     print(f"report: {args.out / 'report.json'}; samples: {grid}")
