@@ -7,6 +7,8 @@
     micro-diffusion eval --weights ema-000006400000-0.100.safetensors --model-config edm2_run.yaml \\
         --prompts classes --num-samples 10000 --metrics fd kid pr --guidance 2 \\
         --reference-source fashion_mnist --reference-option split=test --reference-count 10000
+    micro-diffusion eval --posthoc-snapshots runs/edm2/phema --sigma-rels 0.02,0.05,0.1,0.15,0.2 \\
+        --model-config edm2_run.yaml --metrics fd ...       # post-hoc EMA sweep: FD of each reconstructed EMA
 
 The model is described as for `micro-diffusion generate` (model flags and/or --model-config; see its --help).
 Sample i uses seed `--seed` + i and, by the model's conditioning:
@@ -18,6 +20,10 @@ Frechet distance, KID and precision/recall compare the samples with a reference 
 source; its feature statistics are cached per (dataset, resolution, extractor). The shapes and CLIP scores need
 text prompts. The report (JSON) states extractor, N, reference set, sampler, steps, guidance, seed and what the
 samples were conditioned on next to every number, and a grid of the first samples is saved beside it.
+
+Post-hoc EMA sweep (`--posthoc-snapshots` instead of `--weights`): the power-function EMA of every sigma_rel of
+`--sigma-rels` is reconstructed from the PowerEMA snapshots (at the latest snapshot) and scored by FD under the
+same protocol; the report has one record per sigma_rel, and posthoc_sweep.{json,csv,png} hold the table and plot.
 """
 
 from __future__ import annotations
@@ -54,7 +60,8 @@ from micro_diffusion.generate import (
     resolve_model,
     sample_images,
 )
-from micro_diffusion.models.model import LatentDiffusion
+from micro_diffusion.models.model import LatentDiffusion, create_latent_diffusion
+from micro_diffusion.posthoc_ema import parse_sigma_rels, sweep
 
 METRICS = ("fd", "kid", "pr", "shapes", "clip")
 TEXT_METRICS = ("shapes", "clip")  # scores of images against their text prompts
@@ -128,8 +135,11 @@ def reference_statistics(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="micro-diffusion eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_arguments(parser)
+    add_model_arguments(parser, weights_required=False)
     add_sampling_arguments(parser, seed=0)
+    parser.add_argument("--posthoc-snapshots", type=Path,
+                        help="PowerEMA snapshot folder: sweep --sigma-rels instead of scoring --weights")
+    parser.add_argument("--sigma-rels", type=parse_sigma_rels, help="EMA lengths of the sweep, e.g. 0.05,0.1")
     parser.add_argument("--prompts", help="text-to-image: 'shapes' (default) or a text file of prompts; "
                         "class-conditional: 'classes' (default); unconditional: none")
     parser.add_argument("--num-samples", type=int, default=500)
@@ -147,6 +157,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", type=Path, default=Path("outputs/eval_cache"))
     parser.add_argument("--out", type=Path, default=Path("outputs/eval"))
     args = parser.parse_args(argv)
+    if (args.weights is None) == (args.posthoc_snapshots is None):
+        parser.error("give --weights (score one set of weights) or --posthoc-snapshots (sweep EMA lengths)")
+    if (args.posthoc_snapshots is None) != (args.sigma_rels is None):
+        parser.error("--posthoc-snapshots and --sigma-rels go together")
     resolve_model(parser, args)
     resolve_prompts(parser, args)
     if args.metrics is None:
@@ -159,6 +173,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      f"{CONDITIONINGS[args.conditioning]} (use fd, kid or pr)")
     if "shapes" in args.metrics and args.prompts != "shapes":
         parser.error("the shapes metric needs --prompts shapes")
+    if args.posthoc_snapshots is not None and args.metrics != ["fd"]:
+        parser.error("the post-hoc EMA sweep scores FD: give --metrics fd")
     return args
 
 
@@ -195,15 +211,46 @@ def feature_metrics(args: argparse.Namespace, images: Tensor) -> tuple[dict[str,
     return metrics, reference_name
 
 
+def posthoc_sweep(args: argparse.Namespace, conditions: list[Condition], sampler: str) -> list[dict]:
+    """FD of the post-hoc EMA of every --sigma-rels value, as metric records (the sweep's table and plot go to
+    args.out). The snapshots hold `model.dit`, so a model with other trained parts (a MicroDiT's learned label
+    embedding) cannot be swept."""
+    model = create_latent_diffusion(**args.model).to(args.device).eval()
+    if model.label_embedder is not None:
+        raise SystemExit("post-hoc EMA snapshots hold only the network, not a MicroDiT's learned label embedding")
+    metric = f"fd_{args.extractor}"
+    reference_names = []
+
+    def score(state: dict[str, Tensor]) -> float:
+        model.dit.load_state_dict(state)
+        images = generate_samples(model, conditions, args.seed, args.batch_size, guidance_scale=args.guidance,
+                                  num_inference_steps=args.steps, sampler=args.sampler)
+        metrics, reference_name = feature_metrics(args, images)
+        reference_names.append(reference_name)
+        return metrics[metric]
+
+    rows = sweep(args.posthoc_snapshots, args.sigma_rels, score, args.out, metric_name=metric)
+    protocol = EvalProtocol(args.extractor, len(conditions), reference_names[0], sampler, args.steps, args.guidance,
+                            args.seed)
+    values = {f"{metric}@sigma_rel={row['sigma_rel']:.3f},images={row['t_images']}": row[metric] for row in rows}
+    return metric_records(values, protocol)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    model = build_model(args)
     conditions, conditioning = sample_conditions(args)
+    sampler = {"heun": "edm-heun", "euler": "euler-ode"}[args.sampler]
+    if args.posthoc_snapshots is not None:
+        records = [r | {"conditioning": conditioning} for r in posthoc_sweep(args, conditions, sampler)]
+        report = write_report(args.out / "report.json", records)
+        print(json.dumps({r["metric"]: round(r["value"], 4) for r in report["results"]}, indent=2))
+        print(f"report: {args.out / 'report.json'}; sweep: {args.out / 'posthoc_sweep.png'}")
+        return
+    model = build_model(args)
     images = generate_samples(model, conditions, args.seed, args.batch_size, guidance_scale=args.guidance,
                               num_inference_steps=args.steps, sampler=args.sampler)
     args.out.mkdir(parents=True, exist_ok=True)
     grid = save_sample_grid(images[:64], args.out / "samples.png")
-    sampler = {"heun": "edm-heun", "euler": "euler-ode"}[args.sampler]
     records = []
     if {"fd", "kid", "pr"} & set(args.metrics):
         metrics, reference_name = feature_metrics(args, images)

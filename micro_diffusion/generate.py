@@ -67,9 +67,9 @@ Condition = str | int | None  # a prompt, a class label, or None (unconditional 
 # --------------------------------------------------------------------------------------------------------------
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, weights_required: bool = True) -> None:
     """Options that rebuild a LatentDiffusion around trained weights (shared with `micro-diffusion eval`)."""
-    parser.add_argument("--weights", required=True, type=Path,
+    parser.add_argument("--weights", required=weights_required, type=Path,
                         help="network weights: .safetensors or a tensor-only .pt (see above)")
     parser.add_argument("--model-config", type=Path,
                         help="YAML file of create_latent_diffusion arguments (top level or under model:)")

@@ -194,6 +194,31 @@ def test_eval_cycles_class_labels_and_reports_fd_with_its_protocol(class_run: Ti
     assert np.abs(png_pixels(out / report["sample_grid"]) - png_pixels(tmp_path / "expected.png")).max() <= 1
 
 
+def test_eval_sweeps_posthoc_ema_lengths_by_fd(class_run: TinyRun, tmp_path: Path) -> None:
+    """`eval --posthoc-snapshots`: one FD record per sigma_rel under one protocol, and the sweep's table and plot."""
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    generator = np.random.default_rng(1)
+    for index in range(10):
+        Image.fromarray(generator.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)).save(reference / f"{index}.png")
+    out = tmp_path / "sweep"
+    eval_main(["--posthoc-snapshots", str(class_run.config.parent / "phema"), "--sigma-rels", "0.05,0.1",
+               "--model-config", str(class_run.config), "--metrics", "fd", "--num-samples", "10", "--batch-size", "10",
+               "--steps", "2", "--reference-source", "folder", "--reference-option", f"root={reference}",
+               "--reference-count", "10", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    metrics = [record["metric"] for record in report["results"]]
+    assert metrics == [f"fd_efficientnet-lite0@sigma_rel={s},images=2000" for s in ("0.050", "0.100")]
+    assert all(r["value"] > 0 and r["num_samples"] == 10 and r["conditioning"].startswith("class labels")
+               for r in report["results"])
+    table = json.loads((out / "posthoc_sweep.json").read_text())
+    assert [row["fd_efficientnet-lite0"] for row in table["rows"]] == [r["value"] for r in report["results"]]
+    assert (out / "posthoc_sweep.png").stat().st_size > 0 and (out / "posthoc_sweep.csv").exists()
+    with pytest.raises(SystemExit):
+        eval_main(["--weights", str(class_run.weights), "--posthoc-snapshots", str(out), "--sigma-rels", "0.1",
+                   "--model-config", str(class_run.config)])
+
+
 def test_eval_defaults_fit_the_model(class_run: TinyRun, unconditional_run: TinyRun) -> None:
     common = ["--weights", "w.safetensors", "--reference-source", "folder"]
     classes = eval_args([*common, "--model-config", str(class_run.config)])
