@@ -57,6 +57,7 @@ from micro_diffusion.generate import (
     add_model_arguments,
     add_sampling_arguments,
     build_model,
+    load_network_state,
     resolve_model,
     sample_images,
 )
@@ -213,16 +214,13 @@ def feature_metrics(args: argparse.Namespace, images: Tensor) -> tuple[dict[str,
 
 def posthoc_sweep(args: argparse.Namespace, conditions: list[Condition], sampler: str) -> list[dict]:
     """FD of the post-hoc EMA of every --sigma-rels value, as metric records (the sweep's table and plot go to
-    args.out). The snapshots hold `model.dit`, so a model with other trained parts (a MicroDiT's learned label
-    embedding) cannot be swept."""
+    args.out)."""
     model = create_latent_diffusion(**args.model).to(args.device).eval()
-    if model.label_embedder is not None:
-        raise SystemExit("post-hoc EMA snapshots hold only the network, not a MicroDiT's learned label embedding")
     metric = f"fd_{args.extractor}"
     reference_names = []
 
     def score(state: dict[str, Tensor]) -> float:
-        model.dit.load_state_dict(state)
+        load_network_state(model, state, f"the post-hoc EMA from {args.posthoc_snapshots}")
         images = generate_samples(model, conditions, args.seed, args.batch_size, guidance_scale=args.guidance,
                                   num_inference_steps=args.steps, sampler=args.sampler)
         metrics, reference_name = feature_metrics(args, images)

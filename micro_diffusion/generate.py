@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 from torchvision.utils import save_image
 
-from micro_diffusion.models.checkpoints import PREFIXES, load_dit_weights, read_state_dict
+from micro_diffusion.models.checkpoints import PREFIXES, load_dit_state, read_state_dict
 from micro_diffusion.models.model import DTYPES, SAMPLERS, LatentDiffusion, create_latent_diffusion
 
 # The model flags (by their `create_latent_diffusion` argument names) and their defaults: the released model.
@@ -175,16 +175,20 @@ def build_model(args: argparse.Namespace) -> LatentDiffusion:
 
 def load_weights(model: LatentDiffusion, path: Path) -> None:
     """Load the network's weights strictly, and a class-conditional MicroDiT's label embedding (num_classes, C)."""
-    load_dit_weights(model.dit, path)
+    load_network_state(model, read_state_dict(path), str(path))
+
+
+def load_network_state(model: LatentDiffusion, state: dict[str, Tensor], source: str) -> None:
+    """`load_weights` for a state dict in memory (e.g. a post-hoc EMA reconstruction); `source` names it in errors."""
+    load_dit_state(model.dit, state, source)
     if model.label_embedder is None:
         return
-    state = read_state_dict(path)
     names = [prefix.removesuffix("dit.") + "label_embedder.weight" for prefix in PREFIXES]
     found = [name for name in names if name in state]
     if not found:
         raise KeyError(
-            f"{path} holds no label embedding ({' or '.join(names)}): a class-conditional MicroDiT needs it besides "
-            "the network weights; pass a training checkpoint or an exported EMA (export_ema_weights)"
+            f"{source} holds no label embedding ({' or '.join(names)}): a class-conditional MicroDiT needs it "
+            "besides the network weights; pass a training checkpoint, an exported EMA or a post-hoc EMA"
         )
     model.label_embedder.load_state_dict({"weight": state[found[0]]})
 

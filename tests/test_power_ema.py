@@ -28,7 +28,9 @@ from micro_diffusion.diffusion.power_ema import (
     sigma_rel_to_gamma,
     solve_posthoc_weights,
 )
-from micro_diffusion.posthoc_ema import find_snapshots, main, reconstruct, save_snapshot, sweep
+from micro_diffusion.generate import load_weights
+from micro_diffusion.models.model import create_latent_diffusion
+from micro_diffusion.posthoc_ema import find_snapshots, main, reconstruct, save_reconstruction, save_snapshot, sweep
 from micro_diffusion.training.power_ema_callback import PowerEMA
 
 
@@ -335,3 +337,33 @@ def test_callback_saves_snapshots_and_resumes_exactly(tmp_path: Path) -> None:
         assert all(
             torch.equal(a, b) for a, b in zip(load_file(str(original)).values(), load_file(str(snapshot.path)).values())
         )
+
+
+def test_a_class_conditional_microdit_averages_its_label_embedding_too(tmp_path: Path) -> None:
+    """Sampling a class-conditional MicroDiT needs its learned label embedding: the snapshots hold it beside the
+    network ("dit.*", "label_embedder.weight"), and the post-hoc EMA loads into a fresh model through generate."""
+    def build():
+        return create_latent_diffusion(
+            vae_name="identity", text_encoder_name=None, num_classes=3, label_embedding_dim=32,
+            dit_arch="MicroDiT_XXS_2", latent_res=4, in_channels=3, dtype="float32",
+        )
+
+    torch.manual_seed(0)
+    model = build()
+    samples = [{"image_latents": torch.randn(3, 4, 4), "label": torch.tensor(i % 3)} for i in range(16)]
+    Trainer(
+        model=model, train_dataloader=DataLoader(samples, batch_size=4), max_duration="4ba", device="cpu",
+        optimizers=torch.optim.Adam(model.parameters(), lr=1e-2), run_name="cls", progress_bar=False,
+        log_to_console=False, loggers=[], callbacks=[PowerEMA(snapshot_interval_images=8, folder=str(tmp_path))],
+    ).fit()
+    snapshots = find_snapshots(tmp_path)
+    keys = set(load_file(str(snapshots[0].path)))
+    assert "label_embedder.weight" in keys and all(k.startswith("dit.") for k in keys - {"label_embedder.weight"})
+
+    (reconstruction,) = reconstruct(snapshots, [0.10])
+    weights = save_reconstruction(tmp_path / "ema.safetensors", reconstruction)
+    fresh = build()
+    load_weights(fresh, weights)
+    torch.testing.assert_close(fresh.label_embedder.weight, reconstruction.state_dict["label_embedder.weight"])
+    assert not torch.equal(fresh.label_embedder.weight, model.label_embedder.weight)  # an average, not the last
+    assert fresh.generate(class_labels=[0, 2], seeds=[0, 1], num_inference_steps=2).shape == (2, 3, 4, 4)

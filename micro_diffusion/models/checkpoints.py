@@ -69,12 +69,20 @@ def dit_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def load_dit_weights(dit: nn.Module, path: str | Path, ignore_pos_embed: bool = False) -> None:
     """Load DiT weights strictly. `ignore_pos_embed` keeps the model's own position table, for a checkpoint
     trained at another resolution (the table is fixed, not learned, so nothing is lost)."""
-    state = dit_state_dict(read_state_dict(path))
+    load_dit_state(dit, read_state_dict(path), str(path), ignore_pos_embed)
+
+
+def load_dit_state(
+    dit: nn.Module, state: dict[str, torch.Tensor], source: str = "the state dict", ignore_pos_embed: bool = False
+) -> None:
+    """`load_dit_weights` for a state dict in memory (any layout `dit_state_dict` accepts); `source` names it in
+    errors."""
+    state = dit_state_dict(state)
     if ignore_pos_embed:
         state["pos_embed"] = dit.pos_embed
     missing, unexpected = dit.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise KeyError(f"{path} does not match the network: missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise KeyError(f"{source} does not match the network: missing {missing[:8]}, unexpected {unexpected[:8]}")
 
 
 def save_dit_weights(dit: nn.Module, path: str | Path) -> Path:

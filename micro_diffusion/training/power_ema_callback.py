@@ -28,6 +28,16 @@ from micro_diffusion.posthoc_ema import DTYPES, save_snapshot
 log = logging.getLogger(__name__)
 
 
+def _averaged_modules(model: nn.Module, network: nn.Module) -> nn.Module:
+    """What the EMAs average: the network, or, for a class-conditional MicroDiT, the network and its learned label
+    embedding together, keyed "dit.*" and "label_embedder.weight" (the LatentDiffusion layout, which
+    `load_dit_weights` and `generate.load_weights` read), since sampling needs both."""
+    label_embedder = getattr(model, "label_embedder", None)
+    if label_embedder is None or network is not getattr(model, "dit", None):
+        return network
+    return nn.ModuleDict({"dit": network, "label_embedder": label_embedder})
+
+
 class PowerEMA(Callback):
     """Power-function EMAs of `model.<network_attribute>`, saved every `snapshot_interval_images` images.
 
@@ -37,7 +47,9 @@ class PowerEMA(Callback):
             batch of a fit is always saved too.
         sigma_rels: relative lengths of the tracked averages.
         folder: where snapshots go; '{run_name}' is replaced by the run's name.
-        network_attribute: dotted attribute path of the averaged network on the ComposerModel.
+        network_attribute: dotted attribute path of the averaged network on the ComposerModel; with "dit" on a
+            class-conditional MicroDiT its learned label embedding is averaged too (keys "dit.*" and
+            "label_embedder.weight").
         snapshot_dtype: 'float32', 'float16' or 'bfloat16' for the stored parameters (buffers keep their dtype).
 
     Snapshots are named phema-<images>-<sigma_rel>.safetensors (see micro_diffusion.posthoc_ema).
@@ -73,7 +85,7 @@ class PowerEMA(Callback):
             network = attrgetter(self.network_attribute)(model)
             if not isinstance(network, nn.Module):
                 raise TypeError(f"model.{self.network_attribute} is a {type(network).__name__}, not an nn.Module")
-            self.ema = PowerFunctionEMA(network, self.sigma_rels, t_images)
+            self.ema = PowerFunctionEMA(_averaged_modules(model, network), self.sigma_rels, t_images)
             if self._loaded_state is not None:
                 self.ema.load_state_dict(self._loaded_state["ema"])
                 self.last_snapshot_images = self._loaded_state["last_snapshot_images"]
