@@ -36,6 +36,7 @@ GRID_PROMPTS = [
 ]
 SHAPES_OPTIONS = {"resolution": 32, "max_groups": 1}
 FINAL_STAGE = "demo_dit_mask_0_finetune"
+TEXT_ENCODER = "minilm-16"  # configs/base/demo.yaml's; the shapes prompts are at most 12 tokens
 
 
 def log(message: str) -> None:
@@ -89,9 +90,9 @@ def precompute_latents(out: Path, autoencoder: Path) -> None:
         target = out / "data" / f"latents_{split}"
         if (target / "index.json").exists():
             continue
-        log(f"precomputing {split} latents with {autoencoder.name} and MiniLM -> {target}")
+        log(f"precomputing {split} latents with {autoencoder.name} and {TEXT_ENCODER} -> {target}")
         precompute(out / "data" / f"raw_{split}", target, resolutions=[32], vae=str(autoencoder),
-                   text_encoder="minilm", batch_size=128, num_workers=0)
+                   text_encoder=TEXT_ENCODER, batch_size=128, num_workers=0)
 
 
 def train_dit(out: Path, autoencoder: Path, pretrain_batches: int, finetune_batches: int) -> Path:
@@ -158,7 +159,7 @@ def evaluate(out: Path, autoencoder: Path, run_folder: Path, num_samples: int, s
 
     weights = export_ema_weights(run_folder / "latest-rank0.pt", out / "dit_ema.safetensors")
     model = create_latent_diffusion(
-        vae_name=str(autoencoder), text_encoder_name="minilm", dit_arch="MicroDiT_XXS_2", latent_res=8,
+        vae_name=str(autoencoder), text_encoder_name=TEXT_ENCODER, dit_arch="MicroDiT_XXS_2", latent_res=8,
         in_channels=4, dtype="float32", dit_kwargs={"patch_size": 1},
     )
     load_dit_weights(model.dit, weights)

@@ -32,6 +32,7 @@ import argparse
 import itertools
 import json
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -194,41 +195,53 @@ def resolve_prompts(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error("--prompts classes needs a class-conditional model (num_classes in --model-config)")
 
 
-def feature_metrics(args: argparse.Namespace, images: Tensor) -> tuple[dict[str, float], str]:
-    """FD / KID / precision-recall against the cached reference statistics; returns (metrics, reference name)."""
+@dataclass
+class FeatureReference:
+    """A feature extractor and the reference statistics FD / KID / precision-recall compare samples against."""
+
+    extractor: FeatureExtractor
+    statistics: FeatureStatistics
+    name: str
+
+
+def feature_reference(args: argparse.Namespace, resolution: int) -> FeatureReference:
+    """The --extractor and the cached statistics of --reference-source at the samples' resolution."""
     extractor = get_feature_extractor(args.extractor, weights_path=args.extractor_weights, device=args.device)
     options = parse_key_values(args.reference_option, "--reference-option")
-    reference, reference_name = reference_statistics(
-        args.reference_source, options, args.reference_count, images.shape[-1], extractor, args.cache_dir,
-        args.batch_size,
+    statistics, name = reference_statistics(
+        args.reference_source, options, args.reference_count, resolution, extractor, args.cache_dir, args.batch_size
     )
-    kid_size = min(1000, len(images), len(reference.stored_features))
+    return FeatureReference(extractor, statistics, name)
+
+
+def feature_metrics(args: argparse.Namespace, images: Tensor, reference: FeatureReference) -> dict[str, float]:
+    """FD / KID / precision-recall of images (N, 3, H, W) in [0, 1] against the reference."""
+    kid_size = min(1000, len(images), len(reference.statistics.stored_features))
     metrics = compute_image_metrics(
-        images, reference, extractor, kid_subsets=100 if "kid" in args.metrics else 0, kid_subset_size=kid_size,
-        precision_recall_neighborhood=3 if "pr" in args.metrics else 0,
+        images, reference.statistics, reference.extractor, kid_subsets=100 if "kid" in args.metrics else 0,
+        kid_subset_size=kid_size, precision_recall_neighborhood=3 if "pr" in args.metrics else 0,
     )
-    renamed = {"frechet_distance": f"fd_{extractor.name}"}
-    metrics = {renamed.get(key, key): value for key, value in metrics.items()}
-    return metrics, reference_name
+    renamed = {"frechet_distance": f"fd_{reference.extractor.name}"}
+    return {renamed.get(key, key): value for key, value in metrics.items()}
 
 
 def posthoc_sweep(args: argparse.Namespace, conditions: list[Condition], sampler: str) -> list[dict]:
     """FD of the post-hoc EMA of every --sigma-rels value, as metric records (the sweep's table and plot go to
-    args.out)."""
+    args.out). The extractor and reference statistics are loaded once, at the first sweep point."""
     model = create_latent_diffusion(**args.model).to(args.device).eval()
     metric = f"fd_{args.extractor}"
-    reference_names = []
+    references: list[FeatureReference] = []
 
     def score(state: dict[str, Tensor]) -> float:
         load_network_state(model, state, f"the post-hoc EMA from {args.posthoc_snapshots}")
         images = generate_samples(model, conditions, args.seed, args.batch_size, guidance_scale=args.guidance,
                                   num_inference_steps=args.steps, sampler=args.sampler)
-        metrics, reference_name = feature_metrics(args, images)
-        reference_names.append(reference_name)
-        return metrics[metric]
+        if not references:
+            references.append(feature_reference(args, images.shape[-1]))
+        return feature_metrics(args, images, references[0])[metric]
 
     rows = sweep(args.posthoc_snapshots, args.sigma_rels, score, args.out, metric_name=metric)
-    protocol = EvalProtocol(args.extractor, len(conditions), reference_names[0], sampler, args.steps, args.guidance,
+    protocol = EvalProtocol(args.extractor, len(conditions), references[0].name, sampler, args.steps, args.guidance,
                             args.seed)
     values = {f"{metric}@sigma_rel={row['sigma_rel']:.3f},images={row['t_images']}": row[metric] for row in rows}
     return metric_records(values, protocol)
@@ -251,10 +264,10 @@ def main(argv: list[str] | None = None) -> None:
     grid = save_sample_grid(images[:64], args.out / "samples.png")
     records = []
     if {"fd", "kid", "pr"} & set(args.metrics):
-        metrics, reference_name = feature_metrics(args, images)
-        protocol = EvalProtocol(args.extractor, len(images), reference_name, sampler, args.steps, args.guidance,
+        reference = feature_reference(args, images.shape[-1])
+        protocol = EvalProtocol(args.extractor, len(images), reference.name, sampler, args.steps, args.guidance,
                                 args.seed)
-        records += metric_records(metrics, protocol)
+        records += metric_records(feature_metrics(args, images, reference), protocol)
     if "shapes" in args.metrics:
         score = shapes_score(images, conditions)
         count = int(score.pop("num_images"))

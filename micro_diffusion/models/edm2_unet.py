@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from micro_diffusion.diffusion.edm import edm_denoise
 from micro_diffusion.models.mp_layers import (
+    RES_BALANCE,
     MPConv,
     MPFourier,
     clip_activations,
@@ -57,7 +58,6 @@ Config = Literal["C", "E", "G"]
 Flavor = Literal["enc", "dec"]
 Resample = Literal["keep", "down", "up"]
 
-RES_BALANCE = 0.3  # weight of the residual branch in MP-sum
 ATTN_BALANCE = 0.3  # weight of the attention branch in MP-sum
 LABEL_BALANCE = 0.5  # weight of the class embedding against the noise embedding
 CONCAT_BALANCE = 0.5  # weight of the skip connection in MP-cat

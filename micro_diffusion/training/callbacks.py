@@ -39,7 +39,7 @@ __all__ = ["EMA", "ImageGridLogger", "NaNGuard", "ThroughputMonitor", "export_em
 _WRAPPER_NAME_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_composer_model(model: nn.Module) -> nn.Module:
     """The ComposerModel itself: Composer wraps it in DDP, while FSDP only wraps its children."""
     return model.module if isinstance(model, DistributedDataParallel) else model
 
@@ -157,7 +157,7 @@ class EMA(Callback):
                 self._swap(state)
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        with _full_trainable_parameters(_unwrap(state.model), writeback=False) as params:
+        with _full_trainable_parameters(unwrap_composer_model(state.model), writeback=False) as params:
             if self.weights is None:
                 self.weights = {name: param.detach().clone() for name, param in params.items()}
             else:  # restored from a checkpoint
@@ -169,7 +169,7 @@ class EMA(Callback):
         if batch < self.start_batch or batch % self.update_interval:
             return
         assert self.weights is not None, "EMA weights are created at Event.FIT_START"
-        with _full_trainable_parameters(_unwrap(state.model), writeback=False) as params:
+        with _full_trainable_parameters(unwrap_composer_model(state.model), writeback=False) as params:
             averages = [self.weights[name] for name in params]
             current = [param.detach() for param in params.values()]
             if batch == self.start_batch:
@@ -196,7 +196,7 @@ class EMA(Callback):
     def _swap(self, state: State) -> None:
         """Exchange the model's trainable parameters with the stored ones."""
         assert self.weights is not None
-        with _full_trainable_parameters(_unwrap(state.model), writeback=True) as params:
+        with _full_trainable_parameters(unwrap_composer_model(state.model), writeback=True) as params:
             for name, param in params.items():
                 stored = self.weights[name]
                 current = param.detach().clone()
@@ -311,7 +311,7 @@ class ImageGridLogger(Callback):
 
     def log_grid(self, state: State, logger: Logger) -> Tensor:
         """Generate, save and log the grid now; returns it as (3, H, W) floats in [0, 1]."""
-        model = _unwrap(state.model)
+        model = unwrap_composer_model(state.model)
         ema = next((callback for callback in state.callbacks if isinstance(callback, EMA)), None)
         device = next(model.parameters()).device
         with (
@@ -444,7 +444,7 @@ class ThroughputMonitor(Callback):
             "throughput/images_per_sec": images_per_sec,
             "throughput/device/images_per_sec": images_per_sec / world_size,
         }
-        model = _unwrap(state.model)
+        model = unwrap_composer_model(state.model)
         if hasattr(model.dit, "training_flops"):  # MicroDiT; the EDM2 U-Net has no analytic counter
             metrics.update(self._token_and_flop_metrics(model, state, images_per_sec, world_size))
         logger.log_metrics(metrics)
