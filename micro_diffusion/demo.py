@@ -128,7 +128,8 @@ def loss_curves(out: Path) -> Path:
     figure, axis = plt.subplots(figsize=(7, 4))
     for stage in sorted((out / "runs").iterdir()):
         series: dict[str, dict[int, float]] = {}
-        for match in pattern.finditer((stage / "metrics.txt").read_text()):
+        log_text = (stage / "metrics.txt").read_text(errors="replace")  # captured progress bars may cut a character
+        for match in pattern.finditer(log_text):
             series.setdefault(match[2], {})[int(match[1])] = float(match[3])  # a resumed run logs a step again
         for name, points in series.items():
             steps, values = zip(*sorted(points.items()))
