@@ -1,9 +1,10 @@
 """`make demo` / `micro-diffusion demo`: the whole pipeline on the built-in shapes, on CPU, with real components.
 
 1. data         built-in shapes at 32 px (single-object prompts: colour, shape, count) -> raw MDS shards
-2. autoencoder  `composer -n 2 train.py --config-name demo_autoencoder.yaml` (32x32 -> 8x8x4), then its latent
-                statistics (`micro-diffusion latent-stats`), so the VAE interface normalises latents by itself
-3. latents      `micro-diffusion precompute` with that autoencoder and MiniLM caption states
+2. autoencoder  `composer -n 2 train.py --config-name demo_autoencoder.yaml` (32x32 -> 8x8x4; bf16 autocast on
+                CPUs with AMX), then its latent statistics (`micro-diffusion latent-stats`), so the VAE
+                interface normalises latents by itself
+3. latents      `micro-diffusion precompute` with that autoencoder and MiniLM caption states (16 tokens)
 4. MicroDiT     `scripts/train_pipeline.py yamls/demo.yaml`: the staged recipe (masked pretrain, unmasked
                 finetune with EMA) through `composer -n 2` (gloo)
 5. results      EMA weights exported, a grid for fixed prompts, sample images, the shapes score of N samples
@@ -53,6 +54,13 @@ def run(command: list[str]) -> None:
     subprocess.run(command, cwd=REPO, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def cpu_has_amx() -> bool:
+    """True on CPUs with AMX tiles (Intel Sapphire Rapids and later), where bf16 autocast trains the demo's
+    autoencoder 1.5x faster; without native bf16 it would be slower, so it stays float32 there."""
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(check is not None and check())
+
+
 def make_data(out: Path, num_train: int, num_val: int) -> None:
     from micro_diffusion.data.convert import convert
     from micro_diffusion.data.sources.shapes import iter_shapes
@@ -73,7 +81,7 @@ def train_autoencoder(out: Path, num_train: int, batches: int) -> Path:
              "--config-name", "demo_autoencoder.yaml", f"trainer.save_folder={run_folder}",
              f"data.source_options.num_samples={num_train}", f"trainer.max_duration={batches}ba",
              f"trainer.eval_interval={batches}ba", f"trainer.save_interval={batches}ba",
-             f"model.grid_interval={batches}ba"])
+             f"model.grid_interval={batches}ba", f"model.cpu_bf16={cpu_has_amx()}"])
     if not (autoencoder / "latent_stats.json").exists():
         from micro_diffusion.autoencoder_stats import main as latent_stats
 
