@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/pip install -e ".[test]"
 	touch $(STAMP)
 
-# Real data some tests train on (Fashion-MNIST from Debian; idempotent, needs root or sudo for apt-get).
+# Every offline dataset the tests read (Fashion-MNIST and clip art from Debian, emoji from npm, npm itself from
+# Debian when missing), so no source test is skipped; idempotent, needs root or sudo for apt-get.
 test-data:
-	bash scripts/get_offline_data.sh fashion_mnist
+	bash scripts/get_offline_data.sh emoji fashion_mnist clipart
 
 test: setup test-data
 	$(BIN)/python -m pytest -q tests
@@ -31,7 +32,7 @@ lint: setup
 	$(BIN)/ruff check micro_diffusion tests benchmarks scripts train.py
 
 demo: setup
-	$(BIN)/python -m micro_diffusion.cli demo
+	$(BIN)/python -m micro_diffusion.cli demo --pipeline yamls/demo.yaml
 
 bench: setup
 	$(BIN)/python benchmarks/dit_step.py

@@ -14,7 +14,6 @@ whether or not the training forward is compiled.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import warnings
 from dataclasses import asdict
@@ -23,71 +22,27 @@ from typing import Any
 import hydra
 from composer import Trainer
 from composer.algorithms import GradientClipping
-from composer.algorithms.low_precision_layernorm.low_precision_layernorm import LPLayerNorm
-from composer.callbacks import LRMonitor, OptimizerMonitor, RuntimeEstimator
 from composer.core import Algorithm, Callback, State
-from composer.loggers import FileLogger, Logger, LoggerDestination, TensorboardLogger
+from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist, get_device, module_surgery, reproducibility
 from omegaconf import DictConfig
 from torch import nn
 
-from micro_diffusion.training.callbacks import EMA, ImageGridLogger, NaNGuard, ThroughputMonitor
-from micro_diffusion.training.config import (
-    ConfigError,
-    RunConfig,
-    call_with,
-    check_arguments,
-    load_run_config,
-    pick,
-)
+from micro_diffusion.compat import low_precision_layernorm_class, take_pending_rng_state
+from micro_diffusion.config_checks import ConfigError, check_arguments
+from micro_diffusion.models.regional_compile import compile_regions
+from micro_diffusion.training import launcher_watchdog, safe_checkpoint
+from micro_diffusion.training.config import RunConfig, call_with, load_run_config, pick, trainer_arguments
 from micro_diffusion.training.optim import SCHEDULERS, build_adamw
-from micro_diffusion.training.power_ema_callback import PowerEMA
-from micro_diffusion.training.sample_quality import SampleQuality
-from micro_diffusion.training.tasks import TASK_CHECKS, TASKS, TaskComponents
-
-CALLBACKS: dict[str, type[Callback]] = {
-    "ema": EMA,
-    "image_grid": ImageGridLogger,
-    "nan_guard": NaNGuard,
-    "throughput": ThroughputMonitor,
-    "power_ema": PowerEMA,
-    "sample_quality": SampleQuality,
-    "lr_monitor": LRMonitor,
-    "optimizer_monitor": OptimizerMonitor,
-    "runtime_estimator": RuntimeEstimator,
-}
-
-
-def tensorboard_or_file_logger(log_dir: str, flush_interval: int = 100) -> LoggerDestination:
-    """TensorBoard event files in `log_dir`, or, when the tensorboard package is not installed, the same
-    metrics as text lines in `log_dir/metrics.txt` (Composer's FileLogger)."""
-    if importlib.util.find_spec("tensorboard") is not None:
-        return TensorboardLogger(log_dir=log_dir, flush_interval=flush_interval)
-    if dist.get_global_rank() == 0:
-        print(f"[train] tensorboard is not installed: metrics go to {log_dir}/metrics.txt", flush=True)
-    return FileLogger(
-        filename=f"{log_dir}/metrics.txt", flush_interval=flush_interval, capture_stdout=False,
-        capture_stderr=False, log_traces=False, overwrite=True,
-    )
-
-
-LOGGERS: dict[str, Any] = {"tensorboard": tensorboard_or_file_logger, "file": FileLogger}
+from micro_diffusion.training.registry import CALLBACKS, LOGGERS, configured_entries
+from micro_diffusion.training.task_components import TaskComponents
+from micro_diffusion.training.tasks import TASK_CHECKS, TASKS
 
 
 def fail_on_unmatched_ignore_keys() -> None:
     """Make Composer's warning about a `load_ignore_keys` pattern that matches nothing an error: such a key does
     nothing (the original's optimizer `lr` patterns never matched, as param_groups is a list)."""
     warnings.filterwarnings("error", message="No parts from loaded checkpoint state_dict were ignored")
-
-
-def configured_entries(section: dict[str, Any], registry: dict[str, Any], prefix: str) -> list[tuple[str, Any, dict]]:
-    """(dotted path, class or factory, arguments) of each enabled entry of a name -> arguments section
-    (`callbacks`, `logger`); null disables an entry."""
-    return [
-        (f"{prefix}.{name}", pick(registry, name, f"{prefix}.{name}"), arguments or {})
-        for name, arguments in section.items()
-        if arguments is not None
-    ]
 
 
 def callback_entries(run: RunConfig) -> list[tuple[str, Any, dict]]:
@@ -151,10 +106,12 @@ def apply_low_precision_layernorm(model: nn.Module) -> int:
     the optimiser exists, so no optimiser surgery is needed. Returns the number of layers replaced.
     """
 
+    lp_layernorm = low_precision_layernorm_class()
+
     def low_precision(layer: nn.Module, index: int) -> nn.Module | None:
         if any(not p.requires_grad for p in layer.parameters()):
             return None
-        replacement = LPLayerNorm(layer.normalized_shape, layer.eps, layer.elementwise_affine)
+        replacement = lp_layernorm(layer.normalized_shape, layer.eps, layer.elementwise_affine)
         if layer.elementwise_affine and layer.bias is None:
             replacement.register_parameter("bias", None)
         replacement.load_state_dict(layer.state_dict())
@@ -181,15 +138,14 @@ def build_trainer(run: RunConfig, components: TaskComponents) -> Trainer:
     callbacks = [call_with(target, arguments, path) for path, target, arguments in callback_entries(run)]
     loggers = [call_with(target, arguments, path) for path, target, arguments in
                configured_entries(run.logger, LOGGERS, "logger")]
-    evaluation = dict(
-        eval_dataloader=components.eval_dataloader, eval_interval=settings.eval_interval,
-        eval_subset_num_batches=settings.eval_subset_num_batches,
-    ) if has_eval else {}
+    evaluation = dict(eval_dataloader=components.eval_dataloader) if has_eval else {}
+    arguments = trainer_arguments(settings, has_eval)
+    if settings.compile and compile_regions(components.model):
+        arguments["compile_config"] = None  # compiled region by region, not as one graph by Composer
     return Trainer(
         model=components.model,
         train_dataloader=components.train_dataloader,
         **evaluation,
-        max_duration=settings.max_duration,
         optimizers=optimizer,
         schedulers=scheduler,
         algorithms=algorithms,
@@ -197,23 +153,7 @@ def build_trainer(run: RunConfig, components: TaskComponents) -> Trainer:
         loggers=loggers,
         run_name=run.exp_name,
         seed=run.seed,
-        device=settings.device,
-        precision=settings.precision,
-        device_train_microbatch_size=settings.device_train_microbatch_size,
-        save_folder=settings.save_folder,
-        save_interval=settings.save_interval,
-        save_num_checkpoints_to_keep=settings.save_num_checkpoints_to_keep,
-        save_overwrite=settings.save_overwrite,
-        autoresume=settings.autoresume,
-        load_path=settings.load_path,
-        load_weights_only=settings.load_weights_only,
-        load_strict_model_weights=settings.load_strict_model_weights,
-        load_ignore_keys=settings.load_ignore_keys,
-        parallelism_config={"fsdp": settings.fsdp_config} if settings.fsdp_config is not None else None,
-        compile_config={} if settings.compile else None,
-        progress_bar=settings.progress_bar,
-        log_to_console=settings.console_log_interval is not None,
-        console_log_interval=settings.console_log_interval or "1ba",
+        **arguments,
     )
 
 
@@ -240,9 +180,10 @@ def keep_rng_of_resume(trainer: Trainer) -> None:
     checkpoint was taken.
     """
     resumes_mid_epoch = "train" in trainer.state.dataset_resumption and int(trainer.state.timestamp.batch_in_epoch)
-    if trainer._rng_state is not None and resumes_mid_epoch:
-        trainer.state.callbacks.append(_RestoreRngAtFirstBatch(trainer._rng_state))
-        trainer._rng_state = None
+    if resumes_mid_epoch:
+        rng_state = take_pending_rng_state(trainer)
+        if rng_state is not None:
+            trainer.state.callbacks.append(_RestoreRngAtFirstBatch(rng_state))
 
 
 def describe(run: RunConfig, trainer: Trainer) -> str:
@@ -264,6 +205,8 @@ def describe(run: RunConfig, trainer: Trainer) -> str:
 
 def train(run: RunConfig) -> Trainer:
     """Build everything for a validated run and fit. Returns the trainer (closed)."""
+    launcher_watchdog.exit_with_launcher()  # a worker must not outlive a killed launcher
+    safe_checkpoint.install()  # every checkpoint the trainer reads goes through a weights-only load
     fail_on_unmatched_ignore_keys()
     check_run(run)
     # One process group for the whole run, before the data: Streaming would otherwise set up and tear down

@@ -26,7 +26,7 @@ from diffusers import AutoencoderKL
 from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
-from micro_diffusion.autoencoder_stats import ImageSet, load_source_images
+from micro_diffusion.data.images import ImageSet, load_source_images
 from micro_diffusion.data.sources import SourceUnavailableError
 from micro_diffusion.models.autoencoder import (
     AUTOENCODER_PRESETS,

@@ -39,13 +39,12 @@ from torch import Tensor, nn
 
 from micro_diffusion.data.sources.fashion_mnist import FASHION_MNIST_DIR, load_fashion_mnist
 from micro_diffusion.diffusion.edm import LearnedLossWeighting, edm_denoise, edm_loss, sample_training_sigmas
-from micro_diffusion.diffusion.power_ema import PowerFunctionEMA
+from micro_diffusion.diffusion.power_ema import PowerFunctionEMA, find_snapshots, reconstruct, save_snapshot
 from micro_diffusion.diffusion.samplers import edm_heun_sampler, generators_from_seeds, noise_from_seeds
 from micro_diffusion.eval.features import get_feature_extractor
 from micro_diffusion.eval.frechet import compute_feature_statistics, frechet_distance
 from micro_diffusion.models.dit import create_dit
 from micro_diffusion.models.edm2_unet import create_edm2_unet
-from micro_diffusion.posthoc_ema import find_snapshots, reconstruct, save_snapshot
 
 SIGMA_DATA, P_MEAN, P_STD = 0.5, -1.2, 1.2
 NUM_CLASSES = 10

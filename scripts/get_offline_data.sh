@@ -40,7 +40,7 @@ get_emoji() {
         log "$EMOJI_PACKAGE: already in $target"
         return
     fi
-    command -v npm >/dev/null || { log "npm is missing: apt-get install -y npm"; return 1; }
+    command -v npm >/dev/null || apt_install npm
     mkdir -p "$DATA_DIR"
     local work
     work="$(mktemp -d "$DATA_DIR/.download.XXXXXX")"   # same file system as the target: the rename is atomic

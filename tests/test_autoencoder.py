@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from torch import Tensor
 
-from micro_diffusion.autoencoder_stats import load_source_images
+from micro_diffusion.data.images import load_source_images
 from micro_diffusion.encoders.vae import DiffusersAutoencoder, load_latent_stats, load_vae, save_latent_stats
 from micro_diffusion.models.autoencoder import (
     AUTOENCODER_PRESETS,

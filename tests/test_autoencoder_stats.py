@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from micro_diffusion.autoencoder_stats import load_source_images, main
+from micro_diffusion.cli.latent_stats import main
+from micro_diffusion.data.images import load_source_images
 from micro_diffusion.encoders.vae import LATENT_STATS_FILE, load_latent_stats, load_vae
 from micro_diffusion.models.autoencoder import build_autoencoder, compute_latent_stats
 

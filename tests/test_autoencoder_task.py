@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from micro_diffusion.autoencoder_stats import ImageSet, load_source_images
+from micro_diffusion.data.images import ImageSet, load_source_images
 from micro_diffusion.encoders.vae import LATENT_STATS_FILE, load_vae
 from micro_diffusion.models.autoencoder import (
     AutoencoderLoss,

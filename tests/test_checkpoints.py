@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from micro_diffusion.generate import main as generate_main
+from micro_diffusion.cli.generate import main as generate_main
 from micro_diffusion.models.checkpoints import load_dit_weights, save_dit_weights
 from micro_diffusion.models.dit import create_dit
 

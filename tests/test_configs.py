@@ -8,14 +8,13 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from micro_diffusion.models.model import MODEL_DESCRIPTION, default_arguments, released_model_arguments
+from micro_diffusion.pipeline import load_pipeline, save_folder
 from micro_diffusion.training.config import ConfigError, RunConfig, load_run_config, validate_section
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "scripts"))
-import train_pipeline  # noqa: E402
-
 import train  # noqa: E402  (the training script at the repository root)
 
 CONFIGS = sorted(path.stem for path in CONFIG_DIR.glob("*.yaml"))
@@ -168,12 +167,13 @@ def test_readme_checkpoint_chain():
 
 @pytest.mark.parametrize("pipeline", sorted((REPO / "yamls").glob("*.yaml")), ids=lambda path: path.stem)
 def test_pipelines_name_valid_stage_configs(pipeline):
-    loaded = train_pipeline.load_pipeline(pipeline, [])
-    assert loaded.config_dir == CONFIG_DIR and len(loaded.stages) >= 2
-    assert [stage.load_from_previous for stage in loaded.stages] == [False] + [True] * (len(loaded.stages) - 1)
-    folders = {train_pipeline.save_folder(loaded.config_dir, stage) for stage in loaded.stages}
-    assert len(folders) == len(loaded.stages), "every stage saves into its own folder"
-    for stage in loaded.stages:
+    loaded = load_pipeline(pipeline, [])
+    stages = loaded.training_stages
+    assert loaded.config_dir == CONFIG_DIR and len(stages) >= 2
+    assert not stages[0].load_from_previous and stages[-1].load_from_previous, "the last stage continues another"
+    folders = {save_folder(loaded.config_dir, stage) for stage in stages}
+    assert len(folders) == len(stages), "every stage saves into its own folder"
+    for stage in stages:
         overrides = [*stage.overrides, *(["trainer.load_path=x.pt"] if stage.load_from_previous else [])]
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             train.check_run(load_run_config(compose(config_name=stage.config, overrides=overrides)))
@@ -200,3 +200,29 @@ def test_a_required_marker_is_not_swallowed_by_a_schema_default(path):
                 break
         if value == "???" and isinstance(node, DictConfig) and leaf in node and not OmegaConf.is_missing(node, leaf):
             pytest.fail(f"{path.name}: {key}: ??? is replaced by the schema default {node[leaf]!r}")
+
+
+def model_section(config: str) -> dict:
+    """The config's model section completed with create_latent_diffusion's defaults (what the model is built from)."""
+    return default_arguments() | compose_run(config).model
+
+
+@pytest.mark.parametrize("config", ["res_512_pretrain", "res_512_finetune"])
+def test_the_512_px_stages_build_the_released_model(config):
+    released = released_model_arguments()
+    assert {name: model_section(config)[name] for name in released} == released
+
+
+@pytest.mark.parametrize("config", ["res_256_pretrain", "res_256_finetune"])
+def test_the_256_px_stages_build_create_latent_diffusions_default_model(config):
+    """The original's defaults describe the 256-px stages: network, encoders and EDM noise (EDMConfig's)."""
+    defaults = default_arguments()
+    names = (*MODEL_DESCRIPTION, "sigma_data", "p_mean", "p_std")
+    assert {name: model_section(config)[name] for name in names} == {name: defaults[name] for name in names}
+
+
+@pytest.mark.parametrize(("tiny", "real"), [("tiny_res_16_pretrain", "res_256_pretrain"),
+                                            ("tiny_res_32_pretrain", "res_512_pretrain")])
+def test_the_tiny_stages_rehearse_the_real_stages_noise_and_positions(tiny, real):
+    names = ("sigma_data", "p_mean", "p_std", "pos_interp_scale", "train_mask_ratio")
+    assert {n: model_section(tiny)[n] for n in names} == {n: model_section(real)[n] for n in names}

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 from streaming.base.format import reader_from_json
 
+from micro_diffusion.cli.convert import main as convert_main
 from micro_diffusion.data import convert as convert_module
 from micro_diffusion.data import schema
 from micro_diffusion.data.convert import RowRules, convert, prepare_row
@@ -119,18 +120,18 @@ def test_cli_with_yaml_config_and_source_options(tmp_path, capsys):
     config.write_text(
         f"source: folder\nsource_options: {{root: {images}}}\nworkers: 0\nlimit: 2\nno_progress: true\n"
     )
-    convert_module.main(["--config", str(config), "--output", str(tmp_path / "raw")])
+    convert_main(["--config", str(config), "--output", str(tmp_path / "raw")])
     assert [row[schema.RAW_CAPTION] for row in read_raw(tmp_path / "raw")] == ["caption 0", "caption 1"]
     assert "convert: 2 records" in capsys.readouterr().out
 
     with pytest.raises(
         SystemExit, match="bad --source-option for folder: missing a required argument: 'root'"
     ):
-        convert_module.main(
+        convert_main(
             ["--source", "folder", "--source-option", "rooot=x", "--output", str(tmp_path / "x")]
         )
 
     config.write_text("source: folder\nmin_sise: 3\n")
     with pytest.raises(SystemExit):
-        convert_module.main(["--config", str(config), "--output", str(tmp_path / "other")])
+        convert_main(["--config", str(config), "--output", str(tmp_path / "other")])
     assert "unknown option(s) ['min_sise']" in capsys.readouterr().err

@@ -19,8 +19,9 @@ from streaming.base.util import clean_stale_shared_memory
 from micro_diffusion.data import precompute as precompute_module
 from micro_diffusion.data import schema
 from micro_diffusion.data.convert import convert
+from micro_diffusion.data.images import crop_transform, to_rgb
 from micro_diffusion.data.loader import StreamingLatentsDataset, make_streams
-from micro_diffusion.data.precompute import CaptionCache, crop_transform, precompute, to_rgb
+from micro_diffusion.data.precompute import CaptionCache, precompute
 from micro_diffusion.data.sources import Record
 from micro_diffusion.encoders.text import load_text_encoder
 

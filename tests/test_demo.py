@@ -1,5 +1,5 @@
-"""`make demo` end to end at toy lengths: every step runs for real (shapes data, the autoencoder and the two
-MicroDiT stages through `composer -n 2`, latents, evaluation), writes what README promises, and resumes."""
+"""`make demo` is yamls/demo.yaml: the file holds the measured demo's settings, and the same file run end to end at
+toy lengths (sizes from the command line) writes what README promises and resumes without redoing a step."""
 
 from __future__ import annotations
 
@@ -7,36 +7,88 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from PIL import Image
 
-from micro_diffusion.demo import GRID_PROMPTS
-from micro_diffusion.demo import main as demo_main
+from micro_diffusion import compat
+from micro_diffusion.cli import demo
+from micro_diffusion.pipeline import DONE_MARKER, STAGE_CONFIG, compose_stage, load_pipeline
 
-pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[1]
+PIPELINE = REPO / "yamls" / "demo.yaml"
+TOY = [
+    "--var", "num_train=512", "--var", "num_val=64",
+    "demo_autoencoder:trainer.max_duration=3ba", "demo_dit_pretrain:trainer.max_duration=3ba",
+    "demo_dit_finetune:trainer.max_duration=5ba", "demo_dit_finetune:callbacks.ema.ema_start=3ba",
+    "report:--num-samples=6", "report:--steps=2",
+]  # fmt: skip
 
-TOY = ["--num-train", "512", "--num-val", "64", "--ae-batches", "3", "--pretrain-batches", "3",
-       "--finetune-batches", "2", "--eval-samples", "6", "--steps", "2"]  # fmt: skip
+
+def report_arguments() -> list[str]:
+    stages = yaml.safe_load(PIPELINE.read_text())["stages"]
+    return next(stage for stage in stages if stage.get("name") == "report")["args"]
 
 
-def test_demo_writes_its_outputs_and_skips_finished_steps(tmp_path: Path, capsys):
+def test_the_pipeline_file_holds_the_measured_demo(monkeypatch):
+    """The settings of the demo measured in benchmarks/RESULTS.md, read from the files `make demo` runs."""
+    pipeline = load_pipeline(PIPELINE)
+    assert [stage.name for stage in pipeline.stages] == [
+        "data_train", "data_val", "demo_autoencoder", "latent_stats", "latents_train", "latents_val",
+        "demo_dit_pretrain", "demo_dit_finetune", "report",
+    ]
+    assert pipeline.train_script == REPO / "train.py" and pipeline.nproc == 2
+    assert pipeline.variables["num_train"] == "8000" and pipeline.variables["num_val"] == "256"
+    autoencoder, pretrain, finetune = (compose_stage(pipeline.config_dir, s) for s in pipeline.training_stages)
+    assert autoencoder.data.source_options.num_samples == 8000
+    for amx in (False, True):  # bf16 autocast where the CPU has AMX, resolved where the config is read
+        monkeypatch.setattr(compat, "cpu_has_amx", lambda amx=amx: amx)
+        assert autoencoder.model.cpu_bf16 is amx
+    assert [autoencoder.trainer[key] for key in ("max_duration", "eval_interval", "save_interval")] == ["600ba"] * 3
+    assert pretrain.trainer.max_duration == "1000ba" and pretrain.model.train_mask_ratio == 0.5
+    assert finetune.trainer.max_duration == "1300ba" and finetune.callbacks.ema.ema_start == "1000ba"
+    assert pretrain.model.text_encoder_name == finetune.model.text_encoder_name == "minilm-16"
+    args = report_arguments()
+    settings = {name: args[args.index(name) + 1] for name in ("--num-samples", "--steps", "--guidance")}
+    assert settings == {"--num-samples": "200", "--steps": "20", "--guidance": "3.0"}
+
+
+def test_help_names_the_pipeline_and_an_installed_package_asks_for_it(capsys, monkeypatch):
+    with pytest.raises(SystemExit):
+        demo.main(["--help"])
+    assert str(PIPELINE) in capsys.readouterr().out
+    monkeypatch.setattr(demo, "find_pipeline", lambda: None)
+    with pytest.raises(SystemExit):
+        demo.main([])
+    assert "pass --pipeline <checkout>/yamls/demo.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_writes_its_outputs_and_skips_finished_steps(tmp_path: Path, capfd):
     out = tmp_path / "demo"
-    demo_main(["--out", str(out), *TOY])
-    printed = capsys.readouterr().out
+    demo.main(["--out", str(out), *TOY])
+    printed = capfd.readouterr().out
     for name in ("grid.png", "metrics.json", "loss.png"):
         assert (out / name).stat().st_size > 0 and str(out / name) in printed
     assert (out / "dit_ema.safetensors").stat().st_size > 0
     assert Image.open(out / "grid.png").size == (4 * 34 + 2, 4 * 34 + 2)  # 16 fixed prompts, 4 x 4
-    assert (out / "grid_prompts.txt").read_text().splitlines() == GRID_PROMPTS
+    args = report_arguments()
+    assert (out / "grid_prompts.txt").read_text().splitlines() == args[args.index("--grid-prompts") + 1:]
     assert len(list((out / "samples").glob("*.png"))) == 6
     report = json.loads((out / "metrics.json").read_text())
     records = {record["metric"]: record for record in report["results"]}
     assert {"shapes/all", "shapes/colour"} <= set(records)
-    assert all(record["num_samples"] == 6 and 0 <= record["value"] <= 1 for record in records.values())
+    assert all(record["num_samples"] == 6 and record["steps"] == 2 and 0 <= record["value"] <= 1
+               for record in records.values())
     shard = json.loads((out / "data" / "latents_train" / "index.json").read_text())["shards"][0]
     bytes_per_sample = shard["raw_data"]["bytes"] / shard["samples"]
     assert 16 * 384 * 2 <= bytes_per_sample < 32 * 384 * 2  # float16 MiniLM states of 16 tokens, not 32
+    raw_train = json.loads((out / "data" / "raw_train" / "index.json").read_text())["shards"]
+    assert sum(shard["samples"] for shard in raw_train) == 512  # num_train from the command line
+    run = out / "runs" / "demo_dit_mask_0_finetune"
+    assert yaml.safe_load((run / STAGE_CONFIG).read_text())["trainer"]["max_duration"] == "5ba"
+    assert (run / DONE_MARKER).exists() and (out / "steps_done" / "report.done.json").exists()
 
-    checkpoint = out / "runs" / "demo_dit_mask_0_finetune" / "latest-rank0.pt"
-    finished = checkpoint.stat().st_mtime_ns
-    demo_main(["--out", str(out), *TOY])  # every step's output exists: nothing trains again
-    assert checkpoint.stat().st_mtime_ns == finished
+    finished = (run / "latest-rank0.pt").stat().st_mtime_ns
+    demo.main(["--out", str(out), *TOY])  # every step is done: nothing runs again
+    assert (run / "latest-rank0.pt").stat().st_mtime_ns == finished
+    assert capfd.readouterr().out.count("skipped") == 9

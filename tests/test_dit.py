@@ -239,3 +239,76 @@ def test_torch_compile_tiny_preset():
     x, t, y = inputs()
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, t, y)["sample"], model(x, t, y)["sample"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda model, x, t, y: model(x, t, y, mask_ratoi=0.75),
+        lambda model, x, t, y: model(x, t, y, cfg=2.0, mask_ratoi=0.75),
+        lambda model, x, t, y: model.forward_without_cfg(x, t, y, mask_ratoi=0.75),
+        lambda model, x, t, y: model.forward_with_cfg(x, t, y, 2.0, mask_ratoi=0.75),
+    ],
+    ids=["forward", "forward-cfg", "forward_without_cfg", "forward_with_cfg"],
+)
+def test_unknown_forward_arguments_raise(call):
+    """A misspelled mask_ratio must not silently train unmasked."""
+    model = tiny_dit()
+    with pytest.raises(TypeError, match="mask_ratoi"):
+        call(model, *inputs())
+
+
+def test_unknown_preset_arguments_raise():
+    with pytest.raises(TypeError, match="pos_interp_scael"):
+        create_dit("MicroDiT_XXS_2", pos_interp_scael=2.0)
+
+
+def test_released_call_signature_is_kept():
+    model = randomize(tiny_dit()).eval()
+    x, t, y = inputs()
+    with torch.no_grad():
+        keyword = model(x, t, y, cfg=2.0, mask_ratio=0.0)["sample"]
+        positional = model.forward_with_cfg(x, t, y, 2.0, 0.0)["sample"]
+    torch.testing.assert_close(keyword, positional, rtol=0, atol=0)
+
+
+def padded_caption(y: torch.Tensor, num_real: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """y (N, 1, L, C) with tokens num_real.. replaced by random padding, and the (N, L) mask of the real ones."""
+    padding = torch.randn(y[:, :, num_real:].shape, generator=torch.Generator().manual_seed(seed))
+    mask = torch.zeros(y.shape[0], y.shape[2], dtype=torch.bool)
+    mask[:, :num_real] = True
+    return torch.cat([y[:, :, :num_real], padding], dim=2), mask
+
+
+def test_caption_mask_makes_padded_tokens_irrelevant():
+    model = randomize(tiny_dit()).eval()
+    x, t, y = inputs()
+    first, mask = padded_caption(y, 3, seed=1)
+    second, _ = padded_caption(y, 3, seed=2)
+    with torch.no_grad():
+        masked = [model(x, t, caption, caption_mask=mask)["sample"] for caption in (first, second)]
+        guided = [model(x, t, caption, cfg=3.0, caption_mask=mask)["sample"] for caption in (first, second)]
+        unmasked = [model(x, t, caption)["sample"] for caption in (first, second)]
+        short = model(x, t, y[:, :, :3])["sample"]  # the real tokens alone, no padding at all
+    torch.testing.assert_close(masked[0], masked[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(guided[0], guided[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(masked[0], short, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(unmasked[0], unmasked[1], atol=1e-4)  # without the mask, padding counts
+
+
+def test_an_all_true_caption_mask_is_the_unmasked_network():
+    model = randomize(tiny_dit()).eval()
+    x, t, y = inputs()
+    with torch.no_grad():
+        plain = model(x, t, y)["sample"]
+        masked = model(x, t, y, caption_mask=torch.ones(y.shape[0], y.shape[2], dtype=torch.bool))["sample"]
+    torch.testing.assert_close(plain, masked, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_caption_masks_are_rejected():
+    model = tiny_dit()
+    x, t, y = inputs()
+    with pytest.raises(ValueError, match="caption_mask must be"):
+        model(x, t, y, caption_mask=torch.ones(y.shape[0], y.shape[2]))
+    with pytest.raises(ValueError, match="without any real token"):
+        model(x, t, y, caption_mask=torch.zeros(y.shape[0], y.shape[2], dtype=torch.bool))

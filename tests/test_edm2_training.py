@@ -163,9 +163,11 @@ def test_unconditional_unet_trains_and_generates_from_seeds():
     [
         (dict(dit_kwargs={"patch_size": 1}), "configure the MicroDiT, which unet_preset replaces"),
         (dict(train_mask_ratio=0.5), "configure the MicroDiT, which unet_preset replaces"),
+        (dict(pos_interp_scale=2), r"^pos_interp_scale=2 configure the MicroDiT, which unet_preset replaces"),
+        (dict(label_embedding_dim=64, use_caption_mask=True), "label_embedding_dim=64, use_caption_mask=True"),
         (dict(text_encoder_name="minilm", num_classes=None), "set text_encoder_name to None"),
         (dict(unet_kwargs={"img_resolution": 32}), r"\['img_resolution'\] are set by latent_res"),
-        (dict(unet_preset=None), "unet_config and unet_kwargs configure the EDM2 U-Net: set unet_preset"),
+        (dict(unet_preset=None), r"^unet_config='G', unet_kwargs=.* configure the EDM2 U-Net: set unet_preset too"),
         (dict(unet_config="F"), "config must be one of"),
         (dict(unet_preset="cifar-XXXL"), "unknown EDM2 U-Net preset"),
     ],

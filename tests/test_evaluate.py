@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from micro_diffusion.evaluate import load_prompts, main
+from micro_diffusion.cli.evaluate import load_prompts, main
 from micro_diffusion.models.checkpoints import save_dit_weights
 from micro_diffusion.models.dit import create_dit
 

@@ -24,18 +24,18 @@ from PIL import Image
 from safetensors.torch import save_file
 from torchvision.utils import save_image
 
-from micro_diffusion import evaluate
+from micro_diffusion.cli import evaluate
+from micro_diffusion.cli.evaluate import main as eval_main
+from micro_diffusion.cli.evaluate import parse_args as eval_args
+from micro_diffusion.cli.generate import main as generate_main
+from micro_diffusion.cli.generate import parse_args as generate_args
+from micro_diffusion.cli.posthoc_ema import main as posthoc_main
+from micro_diffusion.diffusion.power_ema import save_snapshot
 from micro_diffusion.eval.features import get_feature_extractor
 from micro_diffusion.eval.report import save_sample_grid
-from micro_diffusion.evaluate import main as eval_main
-from micro_diffusion.evaluate import parse_args as eval_args
-from micro_diffusion.generate import load_weights
-from micro_diffusion.generate import main as generate_main
-from micro_diffusion.generate import parse_args as generate_args
 from micro_diffusion.models.checkpoints import save_dit_weights
 from micro_diffusion.models.model import LatentDiffusion, create_latent_diffusion
-from micro_diffusion.posthoc_ema import main as posthoc_main
-from micro_diffusion.posthoc_ema import save_snapshot
+from micro_diffusion.models.sampling import load_weights
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_UNET: dict[str, Any] = {

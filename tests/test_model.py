@@ -5,9 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
+from micro_diffusion.diffusion.edm import EDMConfig
 from micro_diffusion.encoders.vae import load_vae
 from micro_diffusion.models.dit import create_dit
-from micro_diffusion.models.model import LatentDiffusion, create_latent_diffusion
+from micro_diffusion.models.model import (
+    DIT_ARGUMENTS,
+    MODEL_DESCRIPTION,
+    UNET_ARGUMENTS,
+    LatentDiffusion,
+    create_latent_diffusion,
+    default_arguments,
+    released_model_arguments,
+)
 
 LATENT_RES = 8  # the tiny VAE downsamples by 4: 32-px images
 
@@ -145,8 +154,9 @@ def test_bad_prompts_get_clear_errors(model):
         model.generate()
     with pytest.raises(ValueError, match="sampler"):
         model.generate(prompt="x", sampler="ddim")
-    long_prompt = " ".join(["circle"] * 500)  # truncated to the encoder's 77 tokens, as documented
-    assert model.generate(prompt=long_prompt, num_inference_steps=1, seed=0).shape == (1, 3, 32, 32)
+    long_prompt = " ".join(["circle"] * 500)  # truncated to the encoder's 77 tokens, as documented, with a warning
+    with pytest.warns(UserWarning, match=r"is 502 tokens long: cut to the text encoder's 77 tokens"):
+        assert model.generate(prompt=long_prompt, num_inference_steps=1, seed=0).shape == (1, 3, 32, 32)
 
 
 def test_class_conditional_model_embeds_labels_and_drops_them_to_null(tiny_vae_dir):
@@ -178,3 +188,64 @@ def test_mismatched_components_are_rejected(model):
     with pytest.raises(ValueError, match="channels"):
         LatentDiffusion(model.dit.__class__(in_channels=3, dim=64, depth=1, head_dim=32, patch_mixer_dim=64,
                                             caption_channels=32), model.vae, model.text_encoder)
+
+
+@pytest.fixture(scope="module")
+def masked_model(tiny_vae_dir, tiny_hf_clip_dir) -> LatentDiffusion:
+    torch.manual_seed(0)
+    model = create_latent_diffusion(
+        vae_name=str(tiny_vae_dir), text_encoder_name=tiny_hf_clip_dir.name, dit_arch="MicroDiT_XXS_2",
+        latent_res=LATENT_RES, in_channels=4, dtype="float32", use_caption_mask=True,
+    )
+    with torch.no_grad():  # leave adaLN-Zero's zero init so that the caption reaches the output
+        for p in model.dit.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def test_caption_mask_option_ignores_padded_caption_tokens(masked_model):
+    batch = latent_batch(masked_model)
+    real = 5
+    mask = torch.zeros(4, 77, dtype=torch.bool)
+    mask[:, :real] = True
+    other_padding = dict(batch, caption_latents=torch.cat(
+        [batch["caption_latents"][:, :, :real], torch.randn_like(batch["caption_latents"][:, :, real:])], dim=2))
+    losses = [masked_model.validation_loss(dict(b, caption_mask=mask)).item() for b in (batch, other_padding)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    plain = LatentDiffusion(masked_model.dit, masked_model.vae, masked_model.text_encoder, latent_res=LATENT_RES)
+    assert plain.validation_loss(batch).item() != pytest.approx(plain.validation_loss(other_padding).item())
+    with pytest.raises(KeyError, match="caption_mask"):
+        masked_model.validation_loss(batch)
+
+
+def test_caption_mask_option_generates_with_the_encoders_mask(masked_model):
+    tokens = masked_model.text_encoder.tokenize(["a red circle"])
+    assert not tokens.attention_mask.bool().all()  # the prompt is padded
+    from_text = masked_model.generate(prompt=["a red circle"], num_inference_steps=2, guidance_scale=3.0, seed=1,
+                                      return_only_latents=True)
+    from_ids = masked_model.generate(tokenized_prompts=tokens.input_ids, attention_mask=tokens.attention_mask,
+                                     num_inference_steps=2, guidance_scale=3.0, seed=1, return_only_latents=True)
+    torch.testing.assert_close(from_ids, from_text)
+    ignoring_padding = masked_model.generate(
+        tokenized_prompts=tokens.input_ids, attention_mask=torch.ones_like(tokens.attention_mask),
+        num_inference_steps=2, guidance_scale=3.0, seed=1, return_only_latents=True)
+    assert not torch.allclose(ignoring_padding, from_text)
+
+
+def test_caption_mask_option_needs_a_text_to_image_microdit(tiny_vae_dir):
+    with pytest.raises(ValueError, match="use_caption_mask .* text-to-image MicroDiT"):
+        create_latent_diffusion(vae_name=str(tiny_vae_dir), text_encoder_name=None, num_classes=10,
+                                label_embedding_dim=32, dit_arch="MicroDiT_XXS_2", latent_res=LATENT_RES,
+                                dtype="float32", use_caption_mask=True)
+
+
+def test_edm_defaults_have_one_home():
+    """create_latent_diffusion's EDM defaults are EDMConfig's, and the released model is its defaults at 512 px."""
+    defaults = default_arguments()
+    edm = EDMConfig()
+    assert (defaults["sigma_data"], defaults["p_mean"], defaults["p_std"]) == (edm.sigma_data, edm.p_mean, edm.p_std)
+    released = released_model_arguments()
+    assert released == {name: defaults[name] for name in MODEL_DESCRIPTION} | {"latent_res": 64,
+                                                                                "pos_interp_scale": 2.0}
+    assert set(DIT_ARGUMENTS + UNET_ARGUMENTS) <= set(defaults)

@@ -18,19 +18,24 @@ from scipy.integrate import trapezoid
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from micro_diffusion.cli.posthoc_ema import main
 from micro_diffusion.diffusion.power_ema import (
     MAX_SIGMA_REL,
     PowerFunctionEMA,
     ema_beta,
+    find_snapshots,
     gamma_to_sigma_rel,
     power_profile,
     profile_inner_products,
+    reconstruct,
+    save_reconstruction,
+    save_snapshot,
     sigma_rel_to_gamma,
     solve_posthoc_weights,
+    sweep,
 )
-from micro_diffusion.generate import load_weights
 from micro_diffusion.models.model import create_latent_diffusion
-from micro_diffusion.posthoc_ema import find_snapshots, main, reconstruct, save_reconstruction, save_snapshot, sweep
+from micro_diffusion.models.sampling import load_weights
 from micro_diffusion.training.power_ema_callback import PowerEMA
 
 
@@ -341,7 +346,8 @@ def test_callback_saves_snapshots_and_resumes_exactly(tmp_path: Path) -> None:
 
 def test_a_class_conditional_microdit_averages_its_label_embedding_too(tmp_path: Path) -> None:
     """Sampling a class-conditional MicroDiT needs its learned label embedding: the snapshots hold it beside the
-    network ("dit.*", "label_embedder.weight"), and the post-hoc EMA loads into a fresh model through generate."""
+    network ("dit.*", "label_embedder.weight"), and the post-hoc EMA loads into a fresh model through
+    `models.sampling.load_weights`."""
     def build():
         return create_latent_diffusion(
             vae_name="identity", text_encoder_name=None, num_classes=3, label_embedding_dim=32,

@@ -3,10 +3,13 @@ is caught by the criterion that names it."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image
+from scipy import ndimage
 
 from micro_diffusion.data.sources.shapes import (
     BACKGROUND,
@@ -70,8 +73,7 @@ def test_checker_is_right_on_ground_truth(resolution):
     records = list(iter_shapes(500, resolution=resolution, seed=2024))
     score = shapes_score([r.image for r in records], [r.caption for r in records])
     assert score["num_images"] == 500
-    assert score["all"] >= 0.99, score
-    assert all(score[criterion] >= 0.99 for criterion in CRITERIA), score
+    assert all(score[criterion] == 1.0 for criterion in CRITERIA), score
     assert {"category/single", "category/counting", "category/two_objects", "category/position"} <= set(score)
 
 
@@ -86,12 +88,67 @@ def test_detected_objects_match_ground_truth():
             assert np.allclose(nearest.centre, obj["centre"], atol=1 / 64), record.caption
 
 
-def test_tolerates_blur_and_noise():
-    records = list(iter_shapes(200, resolution=64, seed=77))
-    blurred = _to_tensor([r.image.filter(ImageFilter.GaussianBlur(0.8)) for r in records])
-    noise = 0.03 * torch.randn(blurred.shape, generator=torch.Generator().manual_seed(0))
-    noisy = (blurred + noise).clamp(0, 1)
-    assert shapes_score(noisy, [r.caption for r in records])["all"] >= 0.97
+@functools.cache
+def _ground_truth(resolution: int, max_groups: int, num_images: int) -> tuple[np.ndarray, list[str]]:
+    """(B, H, W, 3) float renders in [0, 1] of the shapes source and their captions."""
+    records = list(iter_shapes(num_images, resolution=resolution, seed=99, max_groups=max_groups))
+    return np.stack([np.asarray(r.image, dtype=np.float32) / 255 for r in records]), [r.caption for r in records]
+
+
+def _degrade(images: np.ndarray, blur: str, noise: float, amplitude: float = 1.0) -> torch.Tensor:
+    """Soften (B, H, W, 3) renders like generated samples: colours pulled towards the background by
+    `amplitude`, a 3x3 box blur ("box3") or a Gaussian blur ("gauss<sigma>"), then Gaussian noise of standard
+    deviation `noise` (0-255 levels). Returns (B, 3, H, W) floats in [0, 1]."""
+    background = np.array(BACKGROUND, dtype=np.float32) / 255
+    images = background + amplitude * (images - background)
+    if blur == "box3":
+        images = ndimage.uniform_filter(images, size=(1, 3, 3, 1), mode="nearest")
+    else:
+        sigma = float(blur.removeprefix("gauss"))
+        images = ndimage.gaussian_filter(images, sigma=(0, sigma, sigma, 0), mode="nearest")
+    images = images + noise / 255 * np.random.default_rng(0).standard_normal(images.shape, dtype=np.float32)
+    return torch.from_numpy(np.clip(images, 0, 1)).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("noise", [0, 8])
+@pytest.mark.parametrize("blur", ["box3", "gauss1.0", "gauss1.3"])
+@pytest.mark.parametrize(
+    "resolution, max_groups, num_images", [(32, 1, 200), (32, 2, 200), (64, 2, 100)],
+    ids=["32px-one-group", "32px-two-groups", "64px-two-groups"],
+)
+def test_right_on_blurred_and_noisy_ground_truth(resolution, max_groups, num_images, blur, noise):
+    """Samples have soft edges: ground truth blurred like them (and noisy) is still scored right, small
+    triangles and squares included (each group of up to three objects shares half a 32 px image)."""
+    images, captions = _ground_truth(resolution, max_groups, num_images)
+    score = shapes_score(_degrade(images, blur, noise), captions)
+    assert score["all"] >= 0.97, score
+
+
+def test_tolerates_faded_colours():
+    images, captions = _ground_truth(32, 2, 200)
+    assert shapes_score(_degrade(images, "gauss1.0", 8, amplitude=0.85), captions)["all"] >= 0.97
+
+
+@pytest.mark.parametrize("resolution", [32, 64])
+@pytest.mark.parametrize("blur", [None, "gauss1.0"])
+@pytest.mark.parametrize(
+    "objects, prompt",
+    [
+        ([_obj("red", "circle", 0.375, 0.5, 0.25), _obj("red", "circle", 0.625, 0.5, 0.25)], "two red circles"),
+        ([_obj("green", "square", 0.375, 0.375, 0.25), _obj("green", "square", 0.625, 0.625, 0.25)],
+         "two green squares"),
+        ([_obj("blue", "triangle", 0.375, 0.5, 0.25), _obj("blue", "triangle", 0.625, 0.5, 0.25)],
+         "two blue triangles"),
+        ([_obj("red", "circle", 0.375, 0.5, 0.25), _obj("blue", "square", 0.625, 0.5, 0.25)],
+         "a red circle left of a blue square"),
+    ],
+    ids=["circles", "squares-at-a-corner", "triangles", "two-colours"],
+)
+def test_touching_objects_are_told_apart(objects, prompt, resolution, blur):
+    """Generated samples often draw "two" as a touching pair: each object of the pair is found."""
+    image = np.asarray(render_objects(objects, resolution), dtype=np.float32)[None] / 255
+    images = _to_tensor([render_objects(objects, resolution)]) if blur is None else _degrade(image, blur, 0)
+    assert check_image(images[0], prompt)["all"], detect_objects(images)
 
 
 def test_image_formats_and_prompt_forms_agree():

@@ -19,6 +19,7 @@ from micro_diffusion.data.sources.shapes import (
     iter_shapes,
     parse_caption,
     render_objects,
+    sample_prompts,
     sample_specs,
     spec_label,
 )
@@ -121,6 +122,12 @@ def test_difficulty_knob_limits_prompts():
 
 def test_sample_specs_are_the_prompts_of_iter_shapes():
     assert [s.caption() for s in sample_specs(30, seed=6)] == [r.caption for r in iter_shapes(30, seed=6)]
+
+
+def test_sample_prompts_are_the_captions_of_iter_shapes_and_parse_back():
+    prompts = sample_prompts(30, seed=6, max_groups=1)
+    assert prompts == [r.caption for r in iter_shapes(30, seed=6, max_groups=1)]
+    assert all(len(parse_caption(prompt).groups) == 1 for prompt in prompts)
 
 
 def test_all_categories_and_relations_occur():

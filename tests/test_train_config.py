@@ -7,7 +7,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from micro_diffusion.training.config import ConfigError, RunConfig, check_arguments, load_run_config
+from micro_diffusion.config_checks import ConfigError, check_arguments
+from micro_diffusion.training.config import RunConfig, load_run_config
 from micro_diffusion.training.tasks import diffusion_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +71,7 @@ def test_schema_rejects_mistyped_values():
         ("data.image_size=24", r"data\.image_size 24 is not a multiple of model\.latent_res 16"),
         ("+callbacks.image_grid.prompt=[x]", r"callbacks\.image_grid\.prompt: unknown key; ImageGridLogger takes"),
         ("+callbacks.nan_guard.verbose=true", r"callbacks\.nan_guard\.verbose: unknown key; NaNGuard takes nothing"),
-        ("+callbacks.speed_monitor={}", r"callbacks\.speed_monitor: unknown name 'speed_monitor'; choose one of"),
+        ("+callbacks.speed_monitr={}", r"callbacks\.speed_monitr: unknown name 'speed_monitr'; choose one of"),
         ("+logger.tensorboard.flush=5", r"logger\.tensorboard\.flush: unknown key"),
         ("+scheduler.alpha=0.5", r"scheduler\.alpha: unknown key; CosineAnnealingWithWarmupScheduler takes"),
         ("scheduler.name=constant", r"scheduler\.alpha_f: unknown key; ConstantScheduler takes"),
@@ -127,3 +128,32 @@ def test_checks_accept_every_argument_a_target_takes():
         check_arguments(target, {"b": 0}, "section")
     with pytest.raises(TypeError, match=r"takes \*\*kwargs"):
         check_arguments(lambda **kwargs: None, {"a": 0}, "section")
+
+
+def test_every_trainer_option_reaches_composer_trainer_by_name():
+    """A new Trainer option is one TrainerConfig field: each field is a Trainer argument of the same name, or is
+    converted (TRAINER_CONVERSIONS) to Trainer arguments."""
+    import inspect
+    from dataclasses import fields
+
+    from composer import Trainer
+
+    from micro_diffusion.training.config import TRAINER_CONVERSIONS, TrainerConfig
+
+    parameters = set(inspect.signature(Trainer.__init__).parameters)
+    for option in fields(TrainerConfig):
+        produced = TRAINER_CONVERSIONS[option.name](None) if option.name in TRAINER_CONVERSIONS else {option.name: 0}
+        assert set(produced) <= parameters, f"trainer.{option.name} -> {sorted(produced)}: not Trainer arguments"
+
+
+def test_trainer_arguments_convert_and_skip_evaluation_without_data():
+    from micro_diffusion.training.config import EVALUATION_OPTIONS, TrainerConfig, trainer_arguments
+
+    settings = TrainerConfig(max_duration="10ba", save_folder="out", compile=True, fsdp_config={"a": 1},
+                             eval_interval="5ba")
+    arguments = trainer_arguments(settings, has_eval=True)
+    assert arguments["compile_config"] == {} and arguments["parallelism_config"] == {"fsdp": {"a": 1}}
+    assert arguments["log_to_console"] is False and arguments["console_log_interval"] == "1ba"
+    assert arguments["eval_interval"] == "5ba" and arguments["max_duration"] == "10ba"
+    assert not set(EVALUATION_OPTIONS) & set(trainer_arguments(settings, has_eval=False))
+    assert "compile" not in arguments and "fsdp_config" not in arguments

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from micro_diffusion.models.model import create_latent_diffusion
 from micro_diffusion.training.config import ConfigError, RunConfig, load_run_config
-from micro_diffusion.training.tasks import TaskComponents
+from micro_diffusion.training.task_components import TaskComponents
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -42,6 +42,25 @@ def test_compile_keeps_evaluation_on(tmp_path):
     assert hasattr(trainer.state.model.forward, "_torchdynamo_orig_callable"), "the training forward is compiled"
     assert [evaluator.label for evaluator in trainer.state.evaluators] == ["eval"]
     assert run.trainer.eval_interval == "50ba"
+    trainer.close()
+
+
+def test_compile_of_a_microdit_is_regional(tiny_hf_clip_dir, tmp_path):
+    """trainer.compile with a MicroDiT compiles each block and the caption refiner, not the whole forward."""
+    run = compose_run(
+        "trainer.compile=true", f"trainer.save_folder={tmp_path}", "callbacks={}", "optimizer.moe_lr_scale=1.0",
+        "trainer.eval_interval=null",
+    )
+    model = create_latent_diffusion(
+        vae_name="identity", text_encoder_name=tiny_hf_clip_dir.name, dit_arch="MicroDiT_XXS_2", in_channels=3,
+        latent_res=8, dtype="float32",
+    )
+    data = DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4)
+    trainer = train.build_trainer(run, TaskComponents(model, data))
+    dit = trainer.state.model.dit
+    compiled = [m for m in dit.modules() if m._compiled_call_impl is not None]
+    assert compiled == [dit.y_emb_preprocess, *dit.patch_mixer, *dit.blocks]
+    assert not hasattr(trainer.state.model.forward, "_torchdynamo_orig_callable"), "not compiled as one graph"
     trainer.close()
 
 

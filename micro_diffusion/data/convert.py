@@ -14,12 +14,9 @@ and skipped by reason (also written to `<output>/convert_summary.txt`).
 
 from __future__ import annotations
 
-import argparse
-import inspect
 import io
 import itertools
 import multiprocessing
-import os
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Mapping
@@ -31,15 +28,15 @@ from PIL import Image
 from streaming import MDSWriter
 from tqdm import tqdm
 
-from micro_diffusion.data import schema
-from micro_diffusion.data.cli_options import parse_key_values, parse_with_config
-from micro_diffusion.data.sources import Record, available_sources, get_source
+from micro_diffusion.data import schema, shards
+from micro_diffusion.data.sources import Record
 
 SKIP_MISSING_IMAGE = "missing image"
 SKIP_UNREADABLE_IMAGE = "unreadable image"
 SKIP_TOO_LARGE = "image over Pillow's decompression-bomb limit"
 SKIP_TOO_SMALL = "shorter side below min_size"
 SKIP_NO_CAPTION = "missing caption"
+SKIP_CAPTION_NOT_UTF8 = "caption not valid UTF-8"
 SUMMARY_FILE = "convert_summary.txt"
 _RECORDS_PER_TASK = 32
 _EXAMPLES_PER_REASON = 5
@@ -100,6 +97,8 @@ class ConvertSummary:
 
 def prepare_row(record: Record, rules: RowRules) -> tuple[dict[str, Any] | None, str | None]:
     """Check one record and build its raw MDS row; returns (row, None) or (None, skip reason)."""
+    if isinstance(record.caption, bytes):
+        return None, SKIP_CAPTION_NOT_UTF8
     caption = record.caption.strip()
     if not caption and not rules.allow_empty_captions:
         return None, SKIP_NO_CAPTION
@@ -218,14 +217,18 @@ def convert(
     """Write `records` (at most `limit`) as raw MDS shards into `output`; returns the summary (also printed).
 
     `rules` defaults to `RowRules()` (keep every readable image with a caption, unchanged). Raises
-    FileExistsError when `output` is not empty, unless `overwrite`.
+    FileExistsError when `output` is not empty, unless `overwrite`. Completion is recorded last
+    (`shards.COMPLETE_FILE`): the readers of raw folders refuse one whose convert was interrupted.
     """
     rules = rules or RowRules()
     output = Path(output).expanduser()
     if output.exists() and not output.is_dir():
         raise NotADirectoryError(f"output {output} exists and is not a folder")
     if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise FileExistsError(f"output folder {output} is not empty; choose another or pass --overwrite")
+        unfinished = (output / shards.INDEX_FILE).is_file() and not (output / shards.COMPLETE_FILE).is_file()
+        why = "holds a convert that did not finish" if unfinished else "is not empty"
+        raise FileExistsError(f"output folder {output} {why}; choose another or pass --overwrite")
+    (output / shards.COMPLETE_FILE).unlink(missing_ok=True)
     if limit is not None:
         records = itertools.islice(records, limit)
     summary = ConvertSummary()
@@ -245,55 +248,6 @@ def convert(
     bar.close()
     summary.seconds = time.perf_counter() - start
     (output / SUMMARY_FILE).write_text(summary.report() + "\n", encoding="utf-8")
+    shards.mark_complete(output, summary.kept)
     print(summary.report())
     return summary
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="micro-diffusion convert", description="Convert an image source into raw MDS shards."
-    )
-    parser.add_argument("--source", help=f"reader name, one of {available_sources()}")
-    parser.add_argument(
-        "--source-option", dest="source_options", action="append", metavar="KEY=VALUE",
-        help="reader argument, repeatable (e.g. --source-option root=images); YAML: a source_options mapping",
-    )  # fmt: skip
-    parser.add_argument("--output", type=Path, help="folder for the MDS shards (must be empty)")
-    parser.add_argument("--min-size", type=int, default=0, help="skip images whose shorter side is smaller")
-    parser.add_argument("--max-size", type=int, help="downscale so the shorter side is at most this")
-    parser.add_argument("--allow-empty-captions", action="store_true", help="keep records without a caption")
-    parser.add_argument(
-        "--max-extra", action="append", metavar="NAME=VALUE",
-        help="skip records whose extra field NAME is above VALUE, repeatable (e.g. image_nsfw=0.2)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--limit", type=int, help="convert at most this many records (e.g. for a quick subset)"
-    )
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (0: none)")
-    parser.add_argument("--size-limit", default="256mb", help="shard size limit (MDS size string)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of `micro-diffusion convert`."""
-    args = parse_with_config(build_parser(), argv, required=("source", "output"))
-    max_extra = {
-        name: float(value) for name, value in parse_key_values(args.max_extra, "--max-extra").items()
-    }
-    rules = RowRules(args.min_size, args.max_size, args.allow_empty_captions, max_extra)
-    reader, options = get_source(args.source), parse_key_values(args.source_options, "--source-option")
-    try:
-        inspect.signature(reader).bind(**options)
-    except TypeError as error:
-        raise SystemExit(f"micro-diffusion convert: bad --source-option for {args.source}: {error}") from None
-    records = reader(**options)
-    convert(
-        records, args.output, rules, num_workers=args.workers, size_limit=args.size_limit,
-        overwrite=args.overwrite, limit=args.limit, progress=not args.no_progress,
-    )  # fmt: skip
-
-
-if __name__ == "__main__":
-    main()

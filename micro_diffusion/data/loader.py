@@ -4,7 +4,8 @@
 sample written by `precompute`. Streams are Streaming `Stream`s (local folders or remote URLs with a local
 cache), each with an optional `proportion`, `repeat` or `choose`; without them every sample is seen once per
 epoch. The first sample of each stream is checked against the expected columns, shapes and dtypes, so a shard
-made for another resolution or encoder fails at start with an error naming the stream and column.
+made for another resolution or encoder fails at start with an error naming the stream and column; every shard of
+a local stream is checked against its index's size, so a truncated one fails at start, named.
 
 `build_streaming_latents_dataloader` wraps it in Streaming's `StreamingDataLoader`, whose `state_dict` the
 Composer trainer checkpoints, so a resumed run continues with the next unseen sample.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +23,7 @@ import torch
 from streaming import Stream, StreamingDataLoader, StreamingDataset
 
 from micro_diffusion.data import schema
+from micro_diffusion.data.shards import check_shard_files, read_index
 
 StreamSpec = str | Mapping[str, Any]
 
@@ -64,6 +67,8 @@ class StreamingLatentsDataset(StreamingDataset):
             )
         if not 0.0 <= cap_drop_prob <= 1.0:
             raise ValueError(f"cap_drop_prob must be in [0, 1], got {cap_drop_prob}")
+        for stream in streams:
+            _check_local_shards(stream)
         super().__init__(streams=streams, **streaming_kwargs)
         latent_size = image_size // latent_downsample
         self.latents_column = schema.latents_column(image_size)
@@ -116,18 +121,31 @@ class StreamingLatentsDataset(StreamingDataset):
         epoch = max(self.next_epoch - 1, 0)
         drop = np.random.default_rng([self.shuffle_seed, epoch, sample_id]).random() < self.cap_drop_prob
         return {
-            "image_latents": torch.from_numpy(latents.astype(np.float32)),
-            "caption_latents": torch.from_numpy(captions.astype(np.float32)),
-            "caption_mask": torch.from_numpy(caption_mask),
-            "drop_caption_mask": torch.tensor(0.0 if drop else 1.0),
-            "caption": sample[schema.CAPTION],
-            "label": int(sample.get(schema.LABEL, -1)),
+            schema.BATCH_IMAGE_LATENTS: torch.from_numpy(latents.astype(np.float32)),
+            schema.BATCH_CAPTION_LATENTS: torch.from_numpy(captions.astype(np.float32)),
+            schema.BATCH_CAPTION_MASK: torch.from_numpy(caption_mask),
+            schema.BATCH_DROP_CAPTION: torch.tensor(0.0 if drop else 1.0),
+            schema.BATCH_CAPTION: sample[schema.CAPTION],
+            schema.BATCH_LABEL: int(sample.get(schema.LABEL, -1)),
         }
 
 
 def _describe(shape: tuple[int, ...], itemsize: int) -> str:
     dtype = "float16" if itemsize == 2 else "uint8"
     return f"{dtype} bytes of shape {shape} ({int(np.prod(shape)) * itemsize} bytes)"
+
+
+def _check_local_shards(stream: Stream) -> None:
+    """Check each shard's size against the index of a stream read from local disk only (a remote stream's
+    cache fills as it trains, and Streaming checks what it downloads)."""
+    if stream.remote not in (None, stream.local):
+        return
+    folder = Path(stream.local) / stream.split
+    remake = (
+        f"rerun the `micro-diffusion precompute` that wrote {folder} with the same arguments (it redoes only the "
+        "chunks whose shards are damaged), or remake the stream's shards"
+    )
+    check_shard_files(folder, read_index(folder, remake), remake)
 
 
 def _stream_name(stream: Stream) -> str:

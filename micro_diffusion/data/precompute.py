@@ -20,7 +20,6 @@ others, so no sample is lost or duplicated. When every chunk is complete, rank 0
 
 from __future__ import annotations
 
-import argparse
 import bisect
 import io
 import json
@@ -42,17 +41,18 @@ from streaming import MDSWriter
 from streaming.base.format import reader_from_json
 from streaming.base.util import merge_index
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
 from tqdm import tqdm
 
 from micro_diffusion.data import schema
-from micro_diffusion.data.cli_options import parse_with_config
+from micro_diffusion.data.images import crop_transform, to_rgb
+from micro_diffusion.data.shards import check_complete, check_shard_files
+from micro_diffusion.distributed import Distributed, init_distributed
+from micro_diffusion.dtypes import torch_dtype
 from micro_diffusion.encoders.text import TextEncoder, load_text_encoder
 from micro_diffusion.encoders.vae import ImageAutoencoder, load_vae
 
 SETTINGS_FILE = "precompute_settings.yaml"
 INDEX_FILE = "index.json"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,8 @@ class PrecomputeSettings:
 class RawShards:
     """Random access to the samples of a local raw MDS folder (its index.json and uncompressed shards).
 
-    `shards[i]` is the decoded row dict of global sample i (columns of `schema.RAW_COLUMNS`).
+    `shards[i]` is the decoded row dict of global sample i (columns of `schema.RAW_COLUMNS`). Opening checks the
+    columns, that the convert which wrote the folder finished, and every shard's size against the index.
     """
 
     def __init__(self, folder: str | Path) -> None:
@@ -99,6 +100,9 @@ class RawShards:
                     f"{self.folder}: shard {shard['raw_data']['basename']} is missing (or only compressed; "
                     "precompute reads uncompressed shards as `convert` writes them)"
                 )
+        remake = f"rerun the `micro-diffusion convert` that wrote it with --output {self.folder} --overwrite"
+        check_complete(self.folder, shards, remake)
+        check_shard_files(self.folder, shards, remake)
         self.offsets = np.cumsum([0] + [reader.samples for reader in self.readers]).tolist()
 
     def __len__(self) -> int:
@@ -107,29 +111,6 @@ class RawShards:
     def __getitem__(self, index: int) -> dict[str, Any]:
         shard = bisect.bisect_right(self.offsets, index) - 1
         return self.readers[shard].get_item(index - self.offsets[shard])
-
-
-def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Any-mode image -> RGB; transparent pixels (RGBA, LA, P with transparency) put on `background`."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, background + (255,))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def crop_transform(resolution: int) -> transforms.Compose:
-    """PIL RGB -> (3, resolution, resolution) in [-1, 1]: shorter side resized (bicubic), centre crop."""
-    return transforms.Compose(
-        [
-            transforms.Resize(resolution, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
-            transforms.CenterCrop(resolution),
-            transforms.ToTensor(),
-            transforms.Normalize([0.5], [0.5]),
-        ]
-    )
 
 
 class CroppedImages(Dataset):
@@ -173,9 +154,10 @@ def chunk_folder(output: Path, chunk: int, partial: bool = False) -> Path:
 
 
 def chunk_is_complete(folder: Path, expected: int) -> bool:
-    """True when `folder/index.json` parses and counts exactly `expected` samples."""
+    """True when `folder/index.json` parses, counts exactly `expected` samples and its shards are whole."""
     try:
         shards = json.loads((folder / INDEX_FILE).read_text())["shards"]
+        check_shard_files(folder, shards, "")
     except (OSError, ValueError, KeyError):
         return False
     return sum(shard["samples"] for shard in shards) == expected
@@ -184,45 +166,6 @@ def chunk_is_complete(folder: Path, expected: int) -> bool:
 def chunk_ranges(num_samples: int, chunk_size: int) -> list[range]:
     """Consecutive ranges of `chunk_size` indices covering [0, num_samples); the last may be shorter."""
     return [range(start, min(start + chunk_size, num_samples)) for start in range(0, num_samples, chunk_size)]
-
-
-@dataclass
-class _Distributed:
-    """This process's place in the job; owns the process group when it created it."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-    owns_group: bool = False
-
-    def close(self) -> None:
-        self.barrier()
-        if self.owns_group:
-            dist.destroy_process_group()
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-    def reduce(self, value: float, op: dist.ReduceOp.RedOpType) -> float:
-        """`value` reduced over all processes with `op` (SUM, MAX)."""
-        if self.world_size == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64)
-        dist.all_reduce(tensor, op=op)
-        return float(tensor.item())
-
-
-def _init_distributed(device: str | None) -> _Distributed:
-    """Rank and world size from the launcher's environment (composer, torchrun); gloo for the collectives."""
-    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    owns_group = world_size > 1 and not dist.is_initialized()
-    if owns_group:
-        dist.init_process_group(backend="gloo")
-    if device is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    return _Distributed(rank, world_size, torch.device(device), owns_group)
 
 
 def _check_settings(output: Path, settings: PrecomputeSettings) -> None:
@@ -326,11 +269,10 @@ def precompute(
     this process in this run.
     """
     input_dir, output = Path(input_dir).expanduser().resolve(), Path(output_dir).expanduser()
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    torch_dtype(dtype)  # an unknown name fails here, before any work
     if not resolutions or min(resolutions) <= 0:
         raise ValueError(f"resolutions must be positive, got {list(resolutions)}")
-    world = _init_distributed(device)
+    world = init_distributed(device)
     raw = RawShards(input_dir)
     if len(raw) == 0:
         raise ValueError(f"{input_dir} holds no samples")
@@ -344,7 +286,7 @@ def precompute(
     world.barrier()
 
     chunks = chunk_ranges(len(raw), chunk_size)
-    mine = range(world.rank, len(chunks), world.world_size)
+    mine = world.shard(len(chunks))
     todo = [k for k in mine if not chunk_is_complete(chunk_folder(output, k), len(chunks[k]))]
     todo = todo[:max_chunks] if max_chunks is not None else todo
     start = time.perf_counter()
@@ -366,7 +308,7 @@ def _encode_chunks(
     chunks: list[range],
     todo: list[int],
     settings: PrecomputeSettings,
-    world: _Distributed,
+    world: Distributed,
     batch_size: int,
     num_workers: int,
     progress: bool,
@@ -374,9 +316,9 @@ def _encode_chunks(
     """Encode and write the chunks `todo`, each atomically (partial folder renamed when complete)."""
     if not todo:
         return 0
-    torch_dtype = DTYPES[settings.dtype]
-    vae = load_vae(settings.vae, dtype=torch_dtype, device=world.device)
-    captions = CaptionCache(load_text_encoder(settings.text_encoder, dtype=torch_dtype, device=world.device))
+    dtype = torch_dtype(settings.dtype)
+    vae = load_vae(settings.vae, dtype=dtype, device=world.device)
+    captions = CaptionCache(load_text_encoder(settings.text_encoder, dtype=dtype, device=world.device))
     plan = [
         (k, list(chunks[k][i : i + batch_size])) for k in todo for i in range(0, len(chunks[k]), batch_size)
     ]
@@ -422,44 +364,5 @@ def _finish(output: Path, chunks: list[range], encoded: float, seconds: float, w
     if len(done) < len(chunks):
         print(f"precompute: {len(chunks) - len(done)} chunk(s) remain; rerun the same command to finish")
         return
+    (output / INDEX_FILE).unlink(missing_ok=True)  # from an earlier run, before a damaged chunk was redone
     merge_index([str(chunk_folder(output, k) / INDEX_FILE) for k in done], str(output))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="micro-diffusion precompute",
-        description="Encode a raw MDS folder into latent MDS shards (distributed and resumable).",
-    )
-    parser.add_argument("--input", type=Path, help="raw MDS folder written by `micro-diffusion convert`")
-    parser.add_argument("--output", type=Path, help="latent MDS folder (reruns resume into it)")
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[256, 512], help="crop sizes in pixels")
-    parser.add_argument("--vae", default="identity", help="'identity', a diffusers folder or a hub id")
-    parser.add_argument("--text-encoder", default="minilm", help="see micro_diffusion.encoders.text")
-    parser.add_argument("--moments", action="store_true", help="store posterior mean and std, not a sample")
-    parser.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
-    parser.add_argument("--chunk-size", type=int, default=4096, help="samples per resumable chunk")
-    parser.add_argument("--seed", type=int, default=2024, help="posterior sampling seed (+ chunk index)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="encoder dtype")
-    parser.add_argument("--device", help="default: cuda:LOCAL_RANK when available, else cpu")
-    parser.add_argument("--workers", type=int, default=2, help="image decoding worker processes")
-    parser.add_argument(
-        "--max-chunks", type=int, help="encode at most this many chunks per process, then stop"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="delete the output folder first")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of `micro-diffusion precompute`."""
-    args = parse_with_config(build_parser(), argv, required=("input", "output"))
-    precompute(
-        args.input, args.output, args.resolutions, args.vae, args.text_encoder, args.moments,
-        batch_size=args.batch_size, chunk_size=args.chunk_size, seed=args.seed, dtype=args.dtype,
-        device=args.device, num_workers=args.workers, max_chunks=args.max_chunks, overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )  # fmt: skip
-
-
-if __name__ == "__main__":
-    main()

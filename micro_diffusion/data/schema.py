@@ -37,6 +37,16 @@ CAPTION_LATENTS = "caption_latents"
 CAPTION_MASK = "caption_mask"  # uint8 bytes (L,), 1 = real token; written for encoders that pad (T5, MiniLM)
 LATENT_DTYPE = np.float16
 
+# Training batches (the keys of a collated batch, read by `LatentDiffusion`).
+BATCH_IMAGE_LATENTS = "image_latents"  # (B, C_lat, h, w) float32, from latents_column(image_size)
+BATCH_CAPTION_LATENTS = CAPTION_LATENTS  # (B, 1, L, C_txt) float32
+BATCH_CAPTION_MASK = CAPTION_MASK  # (B, L) bool, True on real tokens
+BATCH_DROP_CAPTION = "drop_caption_mask"  # (B,) float32, 0 = replace the caption by the null condition
+BATCH_CAPTION = CAPTION  # B strings (the text of the caption)
+BATCH_LABEL = LABEL  # (B,) int64 class labels (-1 for shards without labels)
+BATCH_IMAGE = "image"  # (B, 3, H, W) in [-1, 1], when latents are encoded on the fly
+BATCH_CAPTIONS = "captions"  # B strings, when caption states are encoded on the fly
+
 
 def latents_column(resolution: int) -> str:
     """Column holding the image latents of the `resolution`-pixel centre crop, e.g. `latents_256`."""

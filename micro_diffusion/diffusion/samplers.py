@@ -8,6 +8,7 @@ per-sample generators so that an image depends only on its own seed, never on th
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -47,10 +48,25 @@ def karras_sigmas(
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes a uint64 (a negative seed would alias seed + 2**64)
+
+
+def check_seeds(seeds: Iterable[int]) -> None:
+    """Raise naming the first seed that is not an integer in [0, SEED_LIMIT)."""
+    for seed in seeds:
+        try:
+            value = operator.index(seed)
+        except TypeError:
+            raise TypeError(f"seed {seed!r} is not an integer") from None
+        if not 0 <= value < SEED_LIMIT:
+            raise ValueError(f"seed {value} is out of range: seeds are integers in [0, 2**64)")
+
+
 def generators_from_seeds(seeds: Sequence[int], device: torch.device | str | None = None) -> list[torch.Generator]:
-    """One torch.Generator per seed, on `device` (CPU when None)."""
+    """One torch.Generator per seed, on `device` (CPU when None); the seeds are checked (`check_seeds`)."""
     if len(seeds) == 0:
         raise ValueError("need at least one seed")
+    check_seeds(seeds)
     device = torch.device("cpu" if device is None else device)
     return [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
 

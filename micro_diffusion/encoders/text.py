@@ -1,7 +1,8 @@
 """One interface for captions -> token states (B, L, C): OpenCLIP, HF CLIP, T5 and MiniLM text encoders.
 
 Every encoder pads or truncates captions to exactly L = `max_length` tokens: a caption longer than
-L tokens is cut to L (its end token kept where the tokenizer has one), never rejected. The states
+L tokens is cut to L (its end token kept where the tokenizer has one), never rejected; `prompt_warnings`
+says what generation loses that way (and which prompts are empty). The states
 of all L positions are returned (no pooling, no projection), as the DiT cross-attends to them.
 
 Names accepted by `load_text_encoder` and `text_encoder_format`:
@@ -119,6 +120,10 @@ class TextEncoder(nn.Module, ABC):
     def _encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """ids and mask (B, L) on the encoder's device -> states (B, L, C)."""
 
+    @abstractmethod
+    def _token_counts(self, captions: list[str]) -> list[int]:
+        """Validated captions -> tokens of each before padding or truncation, start and end tokens included."""
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
@@ -138,6 +143,11 @@ class TextEncoder(nn.Module, ABC):
         Captions longer than L tokens are truncated; empty strings are allowed (unconditional).
         """
         return self._tokenize(_validated_captions(captions))
+
+    def token_counts(self, captions: list[str]) -> list[int]:
+        """The number of tokens of each caption before it is padded or cut to L (start and end tokens included):
+        a caption of n > L tokens loses its last n - L."""
+        return self._token_counts(_validated_captions(captions))
 
     @torch.no_grad()
     def encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -159,6 +169,21 @@ class TextEncoder(nn.Module, ABC):
         tokens = self.tokenize(captions)
         states = self.encode(tokens.input_ids, tokens.attention_mask)
         return states, tokens.attention_mask.to(states.device)
+
+
+def prompt_warnings(encoder: TextEncoder, prompts: list[str]) -> list[str]:
+    """What `encoder` will not read of `prompts`: a line for each empty prompt and for each prompt cut to its
+    L tokens, with the number of tokens dropped. `LatentDiffusion.generate` warns with them."""
+    messages = []
+    for index, (prompt, count) in enumerate(zip(prompts, encoder.token_counts(prompts))):
+        if not prompt.strip():
+            messages.append(f"prompt {index} is empty: its image is conditioned on no text")
+        elif count > encoder.max_length:
+            messages.append(
+                f"prompt {index} ({len(prompt.split())} words) is {count} tokens long: cut to the text encoder's "
+                f"{encoder.max_length} tokens, the last {count - encoder.max_length} dropped"
+            )
+    return messages
 
 
 def _validated_captions(captions: list[str]) -> list[str]:
@@ -210,6 +235,9 @@ class OpenCLIPTextEncoder(TextEncoder):
         before_or_at_end = (is_end.cumsum(dim=1) - is_end.long()) == 0
         return TokenizedCaptions(input_ids, before_or_at_end.long())
 
+    def _token_counts(self, captions: list[str]) -> list[int]:
+        return [len(self.tokenizer.encode(caption)) + 2 for caption in captions]  # + start and end tokens
+
     def _encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         weight_dtype = self.token_embedding.weight.dtype
         x = self.token_embedding(input_ids) + self.positional_embedding.to(weight_dtype)
@@ -259,6 +287,9 @@ class TransformersTextEncoder(TextEncoder):
             captions, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
         )
         return TokenizedCaptions(tokens["input_ids"].long(), tokens["attention_mask"].long())
+
+    def _token_counts(self, captions: list[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(captions, truncation=False, verbose=False)["input_ids"]]
 
     def _encode(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         mask = attention_mask if self.use_attention_mask else None

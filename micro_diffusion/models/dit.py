@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from micro_diffusion.diffusion.samplers import guided_denoiser
 from micro_diffusion.models.layers import (
     CaptionProjection,
     CaptionRefiner,
@@ -35,6 +36,7 @@ from micro_diffusion.models.layers import (
     sincos_2d,
     tokens_per_expert,
 )
+from micro_diffusion.models.regional_compile import mark_compile_regions
 
 # --------------------------------------------------------------------------------------------------------------
 # Masking
@@ -244,6 +246,7 @@ class DiT(nn.Module):
             self.register_buffer("magnitude_preserving", torch.ones(()))
         self.final_layer = FinalLayer(dim, patch_size, self.out_channels, norm_eps)
         self.num_tokens = num_tokens
+        mark_compile_regions([self.y_emb_preprocess, *self.patch_mixer, *self.blocks])
         self.initialize_weights()
 
     @staticmethod
@@ -274,8 +277,14 @@ class DiT(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------------
 
-    def embed_caption(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Caption states (N, 1, L, C_txt) or (N, L, C_txt) -> refined tokens (N, L, D), pooled (N, D)."""
+    def embed_caption(
+        self, y: torch.Tensor, caption_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Caption states (N, 1, L, C_txt) or (N, L, C_txt) -> refined tokens (N, L, D), pooled (N, D).
+
+        caption_mask: optional (N, L) bool, True on real tokens: padded tokens are then neither attended to by
+        the refiner nor pooled. None treats every token as real (the original's behaviour).
+        """
         if y.dim() == 4:
             y = y.squeeze(1)
         if y.dim() != 3 or y.shape[-1] != self.caption_channels:
@@ -283,27 +292,43 @@ class DiT(nn.Module):
                 f"caption embedding must be (N, 1, L, {self.caption_channels}) or (N, L, {self.caption_channels}),"
                 f" got {tuple(y.shape)}"
             )
-        tokens = self.y_emb_preprocess(self.y_embedder(y))
-        return tokens, self.pooled_y_emb_process(tokens.mean(dim=1))
+        if caption_mask is None:
+            tokens = self.y_emb_preprocess(self.y_embedder(y))
+            return tokens, self.pooled_y_emb_process(tokens.mean(dim=1))
+        if caption_mask.shape != y.shape[:2] or caption_mask.dtype != torch.bool:
+            raise ValueError(f"caption_mask must be (N, L) = {tuple(y.shape[:2])} bool, got "
+                             f"{tuple(caption_mask.shape)} {caption_mask.dtype}")
+        # A data-dependent check: a graph break inside a compiled forward, so it runs in eager mode only.
+        if not torch.compiler.is_compiling() and not caption_mask.any(dim=1).all():
+            raise ValueError("caption_mask has a caption without any real token")
+        tokens = self.y_emb_preprocess(self.y_embedder(y), caption_mask)
+        weights = caption_mask.to(tokens.dtype).unsqueeze(-1)
+        return tokens, self.pooled_y_emb_process((tokens * weights).sum(dim=1) / weights.sum(dim=1))
 
     def forward_without_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, mask_ratio: float = 0.0, **kwargs
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        mask_ratio: float = 0.0,
+        caption_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
-        """x: (N, C, H, W) preconditioned latents; t: (N,), (1,) or scalar c_noise; y: caption states.
+        """x: (N, C, H, W) preconditioned latents; t: (N,), (1,) or scalar c_noise; y: caption states;
+        caption_mask: optional (N, L) bool, True on real caption tokens (see `embed_caption`).
 
         Returns {'sample': (N, C, H, W), 'mask': (N, T) with 1 = dropped token, or None when nothing is masked}.
         """
         n, _, height, width = x.shape
         grid_h, grid_w = height // self.patch_size, width // self.patch_size
         tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)
-        caption, pooled = self.embed_caption(y)
+        caption, pooled = self.embed_caption(y, caption_mask)
         c = self.t_embedder(torch.as_tensor(t, device=x.device).reshape(-1).expand(n)) + pooled
 
         if self.use_patch_mixer:
             tokens = self.patch_mixer_map_xin(tokens)
             mixer_caption = self.patch_mixer_map_y(caption)
             for block in self.patch_mixer:
-                tokens = block(tokens, mixer_caption, c)
+                tokens = block(tokens, mixer_caption, c, caption_mask)
 
         token_mask = None
         if mask_ratio > 0:
@@ -313,7 +338,7 @@ class DiT(nn.Module):
         if self.use_patch_mixer:
             tokens = self.patch_mixer_map_xout(tokens)  # after masking: only kept tokens pay for it
         for block in self.blocks:
-            tokens = block(tokens, caption, c)
+            tokens = block(tokens, caption, c, caption_mask)
         patches = self.final_layer(tokens, c)
 
         if token_mask is not None:
@@ -322,19 +347,39 @@ class DiT(nn.Module):
         return {"sample": self.unpatchify(patches, grid_h, grid_w), "mask": mask}
 
     def forward_with_cfg(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg: float = 1.0, mask_ratio: float = 0.0, **kwargs
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        cfg: float = 1.0,
+        mask_ratio: float = 0.0,
+        caption_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Classifier-free guidance in one doubled batch; the null condition is an all-zeros caption embedding."""
-        t = torch.as_tensor(t, device=x.device).reshape(-1)
-        t = torch.cat([t, t]) if t.numel() > 1 else t
-        out = self.forward_without_cfg(torch.cat([x, x]), t, torch.cat([y, torch.zeros_like(y)]), mask_ratio)
-        cond, uncond = out["sample"].chunk(2)
-        return {"sample": uncond + cfg * (cond - uncond)}
+        """Classifier-free guidance (the samplers' `guided_denoiser`, one doubled batch): the null condition is
+        an all-zeros caption embedding (with the same caption mask). Returns {'sample': (N, C, H, W)}."""
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+        cond, null = {"y": y}, {"y": torch.zeros_like(y)}
+        if caption_mask is not None:
+            cond["caption_mask"] = null["caption_mask"] = caption_mask
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg: float = 1.0, **kwargs) -> dict:
+        def network(x_in: torch.Tensor, t_in: torch.Tensor, condition: dict[str, torch.Tensor]) -> torch.Tensor:
+            return self.forward_without_cfg(x_in, t_in, mask_ratio=mask_ratio, **condition)["sample"]
+
+        return {"sample": guided_denoiser(network, cond, null, cfg)(x, t)}
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        cfg: float = 1.0,
+        mask_ratio: float = 0.0,
+        caption_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor | None]:
+        """`forward_with_cfg` when cfg != 1, else `forward_without_cfg` (the original's entry point)."""
         if cfg != 1.0:
-            return self.forward_with_cfg(x, t, y, cfg, **kwargs)
-        return self.forward_without_cfg(x, t, y, **kwargs)
+            return self.forward_with_cfg(x, t, y, cfg, mask_ratio, caption_mask)
+        return self.forward_without_cfg(x, t, y, mask_ratio, caption_mask)
 
     def unpatchify(self, patches: torch.Tensor, grid_h: int | None = None, grid_w: int | None = None) -> torch.Tensor:
         """(N, T, p*p*C) with per-token layout (p_row, p_col, channel) -> (N, C, grid_h * p, grid_w * p)."""

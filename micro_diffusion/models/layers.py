@@ -169,19 +169,26 @@ def attention_width(dim: int, qkv_ratio: float, head_dim: int) -> int:
 
 
 def multi_head_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int, norm_eps: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_heads: int,
+    norm_eps: float,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """QK-normalised multi-head attention through SDPA.
 
     q: (N, T, H); k, v: (N, S, H) -> (N, T, H). The QK-norm is one parameter-free LayerNorm over the whole q (and
-    k) vector, all heads jointly, as in MicroDiT (not a per-head norm).
+    k) vector, all heads jointly, as in MicroDiT (not a per-head norm). key_mask: optional (N, S) bool, True on
+    the keys every query may attend to (each row needs at least one True); None attends to all keys.
     """
     width = q.shape[-1]
     q = F.layer_norm(q, (width,), eps=norm_eps)
     k = F.layer_norm(k, (width,), eps=norm_eps)
     n, t, _ = q.shape
     q, k, v = (z.unflatten(-1, (num_heads, width // num_heads)).transpose(1, 2) for z in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, T, head_dim)
+    attn_mask = None if key_mask is None else key_mask[:, None, None, :]  # broadcast over heads and queries
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (N, heads, T, head_dim)
     return out.transpose(1, 2).reshape(n, t, width)
 
 
@@ -199,9 +206,10 @@ class SelfAttention(nn.Module):
         self.qkv = linear_layer(dim, 3 * hidden_dim, use_bias, mp)
         self.proj = linear_layer(hidden_dim, dim, use_bias, mp)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (N, T, D); key_mask: optional (N, T) bool, True on the tokens that may be attended to."""
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        return self.proj(multi_head_attention(q, k, v, self.num_heads, self.norm_eps))
+        return self.proj(multi_head_attention(q, k, v, self.num_heads, self.norm_eps, key_mask))
 
     def init_weights(self, out_std: float) -> None:
         init_linear_(self.qkv, 0.02)
@@ -211,8 +219,8 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Image tokens attend to caption tokens, full width: x (N, T, D), caption (N, L, D) -> (N, T, D).
 
-    No padding mask: the original attends to all caption tokens (padding included) and so do we, which keeps
-    released checkpoints' behaviour. `mp`: MP projections.
+    Without a caption mask every caption token is attended to, padding included, as in the original (released
+    checkpoints' behaviour); with one, padded tokens are not. `mp`: MP projections.
     """
 
     def __init__(self, dim: int, head_dim: int, use_bias: bool, norm_eps: float, mp: bool = False) -> None:
@@ -223,9 +231,12 @@ class CrossAttention(nn.Module):
         self.kv_linear = linear_layer(dim, 2 * dim, use_bias, mp)
         self.proj = linear_layer(dim, dim, use_bias, mp)
 
-    def forward(self, x: torch.Tensor, caption: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, caption: torch.Tensor, caption_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (N, T, D); caption: (N, L, D); caption_mask: optional (N, L) bool, True on real tokens."""
         k, v = self.kv_linear(caption).chunk(2, dim=-1)
-        return self.proj(multi_head_attention(self.q_linear(x), k, v, self.num_heads, self.norm_eps))
+        return self.proj(multi_head_attention(self.q_linear(x), k, v, self.num_heads, self.norm_eps, caption_mask))
 
     def init_weights(self, out_std: float) -> None:
         init_linear_(self.q_linear, 0.02)
@@ -350,7 +361,8 @@ class ExpertChoiceMoE(nn.Module):
 
 
 class CaptionRefiner(nn.Module):
-    """One pre-LN transformer block over the caption tokens (no padding mask): (N, L, D) -> (N, L, D).
+    """One pre-LN transformer block over the caption tokens: (N, L, D) -> (N, L, D); with a caption mask (N, L)
+    (True on real tokens) no token attends to padding, else every token attends to all (the original).
 
     Its attention output projection and FFN down-projection start at zero, so it starts as the identity.
     `mp`: MP linear layers and MP residual sums (then it starts as a mix of 70 % input, 30 % branches).
@@ -366,8 +378,8 @@ class CaptionRefiner(nn.Module):
         self.norm2 = layer_norm(dim, norm_eps)
         self.mlp = SwiGLU(dim, swiglu_hidden(dim, 4.0, multiple_of), use_bias, mp)
 
-    def forward(self, caption: torch.Tensor) -> torch.Tensor:
-        caption = residual(caption, self.attn(self.norm1(caption)), self.mp)
+    def forward(self, caption: torch.Tensor, caption_mask: torch.Tensor | None = None) -> torch.Tensor:
+        caption = residual(caption, self.attn(self.norm1(caption), caption_mask), self.mp)
         return residual(caption, self.mlp(self.norm2(caption)), self.mp)
 
     def init_weights(self) -> None:
@@ -432,11 +444,13 @@ class DiTBlock(nn.Module):
         gate = gate.unsqueeze(1)
         return (1 + gate) * branch if self.mp else gate * branch
 
-    def forward(self, x: torch.Tensor, caption: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x: (N, T, D); caption: (N, L, D); c: (N, cond_dim) -> (N, T, D)."""
+    def forward(
+        self, x: torch.Tensor, caption: torch.Tensor, c: torch.Tensor, caption_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x: (N, T, D); caption: (N, L, D); c: (N, cond_dim); caption_mask: optional (N, L) bool -> (N, T, D)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
         x = residual(x, self.gated(self.attn(modulate(self.norm1(x), shift_msa, scale_msa)), gate_msa), self.mp)
-        x = residual(x, self.cross_attn(self.norm2(x), caption), self.mp)
+        x = residual(x, self.cross_attn(self.norm2(x), caption, caption_mask), self.mp)
         return residual(x, self.gated(self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp)), gate_mlp), self.mp)
 
     def init_weights(self) -> None:

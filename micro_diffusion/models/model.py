@@ -18,8 +18,11 @@ written given local model names:
 
 from __future__ import annotations
 
+import inspect
 import random
+import warnings
 from collections.abc import Sequence
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +30,8 @@ from composer.models import ComposerModel
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, Metric
 
+from micro_diffusion.config_checks import FRACTION, POSITIVE
+from micro_diffusion.data import schema
 from micro_diffusion.diffusion.edm import (
     EDMConfig,
     LearnedLossWeighting,
@@ -41,14 +46,32 @@ from micro_diffusion.diffusion.samplers import (
     guided_denoiser,
     noise_from_seeds,
 )
-from micro_diffusion.encoders.text import TextEncoder, load_text_encoder, text_encoder_format
+from micro_diffusion.dtypes import DTYPES, torch_dtype
+from micro_diffusion.encoders.text import TextEncoder, load_text_encoder, prompt_warnings, text_encoder_format
 from micro_diffusion.encoders.vae import ImageAutoencoder, load_vae
+from micro_diffusion.models.checkpoints import leave_out_of_state_dict
 from micro_diffusion.models.dit import DiT, create_dit
 from micro_diffusion.models.edm2_unet import EDM2UNet, create_edm2_unet
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+__all__ = [
+    "DTYPES", "SAMPLERS", "LatentDiffusion", "UNetNetwork", "create_latent_diffusion", "default_arguments",
+    "released_model_arguments",
+]
 SAMPLERS = ("heun", "euler")
 UNET_FIELDS_SET_BY_THE_MODEL = ("img_resolution", "img_channels", "label_dim")
+# create_latent_diffusion's arguments that configure only one kind of network.
+DIT_ARGUMENTS = ("dit_arch", "pos_interp_scale", "train_mask_ratio", "label_embedding_dim", "dit_kwargs",
+                 "use_caption_mask")
+UNET_ARGUMENTS = ("unet_config", "unet_kwargs")
+# The create_latent_diffusion arguments that describe a trained network and its encoders (the rest: training).
+MODEL_DESCRIPTION = ("dit_arch", "latent_res", "in_channels", "pos_interp_scale", "vae_name", "text_encoder_name",
+                     "dtype")
+# The frozen encoders (attributes of LatentDiffusion): rebuilt from their names, never in its state dict, so a
+# checkpoint holds only what training changes (the network, a label embedding, the learned loss weighting).
+FROZEN_ENCODERS = ("vae", "text_encoder")
+# The released MicroDiT_XL_2 checkpoints are those of the 512-px stage: create_latent_diffusion's defaults (the
+# original's, which describe the 256-px model) on the 64 x 64 latent grid, positions interpolated 2x.
+RELEASED_RESOLUTION: dict[str, Any] = {"latent_res": 64, "pos_interp_scale": 2.0}
 
 
 class UNetNetwork(nn.Module):
@@ -84,6 +107,8 @@ class LatentDiffusion(ComposerModel):
         vae: frozen image <-> latent map (its latent scale and shift live in it).
         text_encoder: frozen captions -> token states; None for class-conditional models or when training only
             on precomputed caption latents.
+            Neither frozen encoder is in `state_dict()`, so neither is in a checkpoint; `load_state_dict` keeps the
+            ones the model was built with (`models.checkpoints.leave_out_of_state_dict`).
         edm: sigma_data, training noise distribution and sampling schedule.
         train_mask_ratio: fraction of patches dropped after the patch-mixer in training (0 in evaluation).
         latent_res: latent side used by `generate`.
@@ -97,17 +122,14 @@ class LatentDiffusion(ComposerModel):
             one-token condition (B, 1, 1, caption_channels); label dropout gives the null (all-zeros) condition.
         one_hot_labels: with num_classes, pass labels to the network as one-hot rows (B, 1, 1, num_classes)
             instead of through a learned label embedder, for a network with its own label layer (the EDM2 U-Net).
-    Batch keys: `image_latents` (B, C, h, w), `caption_latents` (B, 1, L, C_txt), optional `drop_caption_mask`
-    (B,) with 0 = replace the caption by the null (all-zeros) embedding; or `image` (B, 3, H, W) in [-1, 1]
-    and `captions` (list of B strings) when latents are not precomputed; `label` (B,) for class-conditional models.
+        use_caption_mask: text-to-image MicroDiT only: padded caption tokens (`caption_mask` of the batch, or the
+            text encoder's attention mask) are not attended to nor pooled. Off by default, the original's
+            behaviour (and the released checkpoints', which were trained attending to padding).
+    Batch keys (`micro_diffusion.data.schema.BATCH_*`): `image_latents` (B, C, h, w), `caption_latents`
+    (B, 1, L, C_txt), `caption_mask` (B, L) bool (read with use_caption_mask), optional `drop_caption_mask` (B,)
+    with 0 = replace the caption by the null (all-zeros) embedding; or `image` (B, 3, H, W) in [-1, 1] and
+    `captions` (list of B strings) when latents are not precomputed; `label` (B,) for class-conditional models.
     """
-
-    image_key = "image"
-    caption_key = "captions"
-    image_latents_key = "image_latents"
-    caption_latents_key = "caption_latents"
-    drop_caption_key = "drop_caption_mask"
-    label_key = "label"
 
     def __init__(
         self,
@@ -124,6 +146,7 @@ class LatentDiffusion(ComposerModel):
         validation_seed: int = 0,
         num_classes: int | None = None,
         one_hot_labels: bool = False,
+        use_caption_mask: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= train_mask_ratio < 1.0:
@@ -141,6 +164,8 @@ class LatentDiffusion(ComposerModel):
                 f"one-hot labels of {num_classes} classes need a network with caption_channels {num_classes}, "
                 f"not {dit.caption_channels}"
             )
+        if use_caption_mask and (num_classes is not None or not isinstance(dit, DiT) or dit.caption_channels == 0):
+            raise ValueError("use_caption_mask masks padded caption tokens: it needs a text-to-image MicroDiT")
         if text_encoder is not None and text_encoder.width != dit.caption_channels:
             raise ValueError(
                 f"the text encoder is {text_encoder.width} wide but the DiT expects {dit.caption_channels}"
@@ -157,6 +182,7 @@ class LatentDiffusion(ComposerModel):
         self.validation_sigmas = tuple(float(s) for s in validation_sigmas)
         self.validation_seed = validation_seed
         self.num_classes = num_classes
+        self.use_caption_mask = use_caption_mask
         self.label_embedder = None
         if num_classes and not one_hot_labels:
             self.label_embedder = nn.Embedding(num_classes, dit.caption_channels)
@@ -167,6 +193,7 @@ class LatentDiffusion(ComposerModel):
                 frozen.requires_grad_(False)
                 frozen._fsdp_wrap = False  # Composer FSDP: shard only the DiT
         self.dit._fsdp_wrap = True
+        leave_out_of_state_dict(self, FROZEN_ENCODERS)
 
     # ----------------------------------------------------------------------------------------------------------
     # Inputs
@@ -179,13 +206,13 @@ class LatentDiffusion(ComposerModel):
 
     def image_latents(self, batch: dict) -> Tensor:
         """(B, C, h, w) float32 normalised latents from the batch, encoding images when not precomputed."""
-        if self.image_latents_key in batch:
-            return batch[self.image_latents_key].float()
+        if schema.BATCH_IMAGE_LATENTS in batch:
+            return batch[schema.BATCH_IMAGE_LATENTS].float()
         if self.precomputed_latents:
             raise KeyError(
-                f"precomputed_latents=True but the batch has no {self.image_latents_key!r} (keys: {sorted(batch)})"
+                f"precomputed_latents=True but the batch has no {schema.BATCH_IMAGE_LATENTS!r} (keys: {sorted(batch)})"
             )
-        return self.vae.encode(batch[self.image_key].to(self.vae.dtype)).float()
+        return self.vae.encode(batch[schema.BATCH_IMAGE].to(self.vae.dtype)).float()
 
     @property
     def unconditional(self) -> bool:
@@ -210,37 +237,59 @@ class LatentDiffusion(ComposerModel):
         """(B, 1, L, C_txt) float32 caption states, with dropped captions replaced by the null embedding;
         (B, 1, 1, 0) for an unconditional network."""
         if self.unconditional:
-            images = batch[self.image_latents_key if self.image_latents_key in batch else self.image_key]
+            images = batch[schema.BATCH_IMAGE_LATENTS if schema.BATCH_IMAGE_LATENTS in batch else schema.BATCH_IMAGE]
             return torch.zeros(images.shape[0], 1, 1, 0, device=images.device)
         if self.num_classes is not None:
-            caption = self.label_condition(batch[self.label_key])
-        elif self.caption_latents_key in batch:
-            caption = batch[self.caption_latents_key].float()
+            caption = self.label_condition(batch[schema.BATCH_LABEL])
+        elif schema.BATCH_CAPTION_LATENTS in batch:
+            caption = batch[schema.BATCH_CAPTION_LATENTS].float()
         elif self.precomputed_latents:
             raise KeyError(
-                f"precomputed_latents=True but the batch has no {self.caption_latents_key!r} (keys: {sorted(batch)})"
+                f"precomputed_latents=True but the batch has no {schema.BATCH_CAPTION_LATENTS!r} "
+                f"(keys: {sorted(batch)})"
             )
         else:
-            states, _ = self._require_text_encoder()(list(batch[self.caption_key]))
+            states, _ = self._require_text_encoder()(list(batch[schema.BATCH_CAPTIONS]))
             caption = states.float().unsqueeze(1)
         if caption.dim() == 3:
             caption = caption.unsqueeze(1)
-        if self.drop_caption_key in batch:
-            caption = caption * batch[self.drop_caption_key].float().view(-1, 1, 1, 1)
+        if schema.BATCH_DROP_CAPTION in batch:
+            caption = caption * batch[schema.BATCH_DROP_CAPTION].float().view(-1, 1, 1, 1)
         return caption
+
+    def caption_mask(self, batch: dict) -> Tensor | None:
+        """(B, L) bool, True on real caption tokens, when the model masks padding (use_caption_mask); else None."""
+        if not self.use_caption_mask:
+            return None
+        if schema.BATCH_CAPTION_MASK in batch:
+            return batch[schema.BATCH_CAPTION_MASK].bool()
+        if self.precomputed_latents:
+            raise KeyError(
+                f"use_caption_mask=True but the batch has no {schema.BATCH_CAPTION_MASK!r} (keys: {sorted(batch)})"
+            )
+        _, mask = self._require_text_encoder()(list(batch[schema.BATCH_CAPTIONS]))
+        return mask.bool()
 
     # ----------------------------------------------------------------------------------------------------------
     # Loss
     # ----------------------------------------------------------------------------------------------------------
 
     def diffusion_loss(
-        self, latents: Tensor, caption: Tensor, sigma: Tensor, noise: Tensor, mask_ratio: float
+        self,
+        latents: Tensor,
+        caption: Tensor,
+        sigma: Tensor,
+        noise: Tensor,
+        mask_ratio: float,
+        caption_mask: Tensor | None = None,
     ) -> Tensor:
-        """EDM loss of the denoiser at noise levels sigma (B,) with the given noise (B, C, h, w)."""
+        """EDM loss of the denoiser at noise levels sigma (B,) with the given noise (B, C, h, w); caption (B, 1, L,
+        C_txt) with an optional (B, L) bool mask of its real tokens."""
         token_mask: list[Tensor | None] = []
+        extra = {} if caption_mask is None else {"caption_mask": caption_mask}
 
         def network(x_in: Tensor, c_noise: Tensor) -> Tensor:
-            out = self.dit(x_in, c_noise, caption, mask_ratio=mask_ratio)
+            out = self.dit(x_in, c_noise, caption, mask_ratio=mask_ratio, **extra)
             token_mask.append(out["mask"])
             return out["sample"]
 
@@ -258,7 +307,8 @@ class LatentDiffusion(ComposerModel):
         caption = self.caption_latents(batch)
         sigma = sample_training_sigmas(latents.shape[0], self.edm.p_mean, self.edm.p_std, device=latents.device)
         mask_ratio = self.train_mask_ratio if self.training else 0.0
-        loss = self.diffusion_loss(latents, caption, sigma, torch.randn_like(latents), mask_ratio)
+        loss = self.diffusion_loss(latents, caption, sigma, torch.randn_like(latents), mask_ratio,
+                                   self.caption_mask(batch))
         return loss, latents, caption
 
     def loss(self, outputs: tuple[Tensor, Tensor, Tensor], batch: dict) -> Tensor:
@@ -269,12 +319,13 @@ class LatentDiffusion(ComposerModel):
         """Mean loss over the fixed validation sigmas with fixed noise: deterministic for a given batch."""
         latents = self.image_latents(batch)
         caption = self.caption_latents(batch)
+        caption_mask = self.caption_mask(batch)
         generator = torch.Generator(device=latents.device).manual_seed(self.validation_seed)
         losses = []
         for sigma_value in self.validation_sigmas:
             noise = torch.randn(latents.shape, generator=generator, device=latents.device)
             sigma = torch.full((latents.shape[0],), sigma_value, device=latents.device)
-            losses.append(self.diffusion_loss(latents, caption, sigma, noise, mask_ratio=0.0))
+            losses.append(self.diffusion_loss(latents, caption, sigma, noise, 0.0, caption_mask))
         return torch.stack(losses).mean()
 
     def eval_forward(self, batch: dict, outputs: Tensor | None = None) -> Tensor:
@@ -297,9 +348,20 @@ class LatentDiffusion(ComposerModel):
         attention_mask: Tensor | None,
         class_labels: Sequence[int] | Tensor | None = None,
     ) -> Tensor:
-        """Prompts, token ids or class labels -> condition (B, 1, L, C_txt). Over-long prompts are truncated to L."""
+        """Prompts, token ids or class labels -> condition (B, 1, L, C_txt). Over-long prompts are truncated to L,
+        with a warning saying how many tokens were dropped; an empty prompt is warned of too."""
+        return self._encode_prompts(prompt, tokenized_prompts, attention_mask, class_labels)[0]
+
+    def _encode_prompts(
+        self,
+        prompt: str | Sequence[str] | None,
+        tokenized_prompts: Tensor | None,
+        attention_mask: Tensor | None,
+        class_labels: Sequence[int] | Tensor | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """`encode_prompts`, with the (B, L) bool mask of real tokens when the model masks padding (else None)."""
         if class_labels is not None:
-            return self.label_condition(class_labels)
+            return self.label_condition(class_labels), None
         encoder = self._require_text_encoder()
         if tokenized_prompts is not None:
             if attention_mask is None:
@@ -313,13 +375,18 @@ class LatentDiffusion(ComposerModel):
                 raise TypeError(f"prompt must be a string or a list of strings, got {type(prompt).__name__}")
             if len(prompts) == 0:
                 raise ValueError("prompt is an empty list: nothing to generate")
-            states, _ = encoder(list(prompts))
-        return states.unsqueeze(1)
+            for message in prompt_warnings(encoder, list(prompts)):
+                warnings.warn(message, stacklevel=2)
+            states, attention_mask = encoder(list(prompts))
+        caption_mask = attention_mask.bool().to(states.device) if self.use_caption_mask else None
+        return states.unsqueeze(1), caption_mask
 
-    def denoiser(self, x: Tensor, sigma: Tensor, caption: Tensor) -> Tensor:
-        """D(x; sigma, caption) for the samplers: x (B, C, h, w), sigma (B,) -> denoised float32."""
+    def denoiser(self, x: Tensor, sigma: Tensor, caption: Tensor, caption_mask: Tensor | None = None) -> Tensor:
+        """D(x; sigma, caption) for the samplers: x (B, C, h, w), sigma (B,), caption (B, 1, L, C_txt) with an
+        optional (B, L) bool mask of its real tokens -> denoised float32."""
+        extra = {} if caption_mask is None else {"caption_mask": caption_mask}
         return edm_denoise(
-            lambda x_in, c_noise: self.dit(x_in.to(caption.dtype), c_noise, caption)["sample"],
+            lambda x_in, c_noise: self.dit(x_in.to(caption.dtype), c_noise, caption, **extra)["sample"],
             x, sigma, self.edm.sigma_data,
         )
 
@@ -342,7 +409,8 @@ class LatentDiffusion(ComposerModel):
         """Sample images for prompts (or class labels): (B, 3, H, W) float32 in [0, 1] (or latents (B, C, h, w)).
 
         Image i uses seed `seed + i` (or `seeds[i]`), so an image depends only on its own seed, never on the
-        batch it is generated in; seed 0 is a seed like any other. seed=None draws random seeds.
+        batch it is generated in; seed 0 is a seed like any other, and every seed is an integer in [0, 2**64)
+        (`check_seeds`). seed=None draws random seeds. Empty and over-long (truncated) prompts are warned of.
         Guidance (scale > 1) runs conditional and null-caption predictions in one batched forward, optionally
         only for sigmas inside `guidance_interval`. `sampler` is "heun" (EDM, 2N - 1 evaluations) or "euler".
         An unconditional model takes only `seeds` (one image each) and guidance_scale 1.
@@ -359,9 +427,10 @@ class LatentDiffusion(ComposerModel):
                     "an unconditional model generates one image per seed: pass `seeds` and guidance_scale=1.0, "
                     "and no prompts or class labels"
                 )
-            caption = torch.zeros(len(seeds), 1, 1, 0, device=device)
+            caption, caption_mask = torch.zeros(len(seeds), 1, 1, 0, device=device), None
         else:
-            caption = self.encode_prompts(prompt, tokenized_prompts, attention_mask, class_labels).to(device).float()
+            caption, caption_mask = self._encode_prompts(prompt, tokenized_prompts, attention_mask, class_labels)
+            caption = caption.to(device).float()
         batch_size = caption.shape[0]
         if seeds is None:
             base = random.randrange(2**31) if seed is None else int(seed)
@@ -370,7 +439,11 @@ class LatentDiffusion(ComposerModel):
             raise ValueError(f"got {len(seeds)} seeds for {batch_size} prompts")
         shape = (self.dit.in_channels, self.latent_res, self.latent_res)
         noise = noise_from_seeds(seeds, shape, device=device, dtype=torch.float32)
-        denoise = guided_denoiser(self.denoiser, caption, torch.zeros_like(caption), guidance_scale, guidance_interval)
+        cond, null = {"caption": caption}, {"caption": torch.zeros_like(caption)}
+        if caption_mask is not None:
+            cond["caption_mask"] = null["caption_mask"] = caption_mask.to(device)
+        denoise = guided_denoiser(lambda x, sigma, condition: self.denoiser(x, sigma, **condition), cond, null,
+                                  guidance_scale, guidance_interval)
         schedule = dict(sigma_min=self.edm.sigma_min, sigma_max=self.edm.sigma_max, rho=self.edm.rho)
         use_autocast = device.type == "cuda" and self.dtype != torch.float32
         with torch.autocast(device.type, dtype=self.dtype, enabled=use_autocast):
@@ -389,25 +462,31 @@ def create_latent_diffusion(
     vae_name: str = "stabilityai/stable-diffusion-xl-base-1.0",
     text_encoder_name: str | None = "openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378",
     dit_arch: str = "MicroDiT_XL_2",
-    latent_res: int = 32,
-    in_channels: int = 4,
-    pos_interp_scale: float = 1.0,
+    latent_res: Annotated[int, POSITIVE] = 32,
+    in_channels: Annotated[int, POSITIVE] = 4,
+    pos_interp_scale: Annotated[float, POSITIVE] = 1.0,
     dtype: str = "bfloat16",
     precomputed_latents: bool = True,
-    p_mean: float = -0.6,
-    p_std: float = 1.2,
-    train_mask_ratio: float = 0.0,
-    sigma_data: float = 0.9,
+    p_mean: float = EDMConfig.p_mean,
+    p_std: Annotated[float, POSITIVE] = EDMConfig.p_std,
+    train_mask_ratio: Annotated[float, FRACTION] = 0.0,
+    sigma_data: Annotated[float, POSITIVE] = EDMConfig.sigma_data,
     learned_loss_weighting: bool = False,
     load_text_encoder_weights: bool = True,
-    num_classes: int | None = None,
-    label_embedding_dim: int = 256,
+    num_classes: Annotated[int | None, POSITIVE] = None,
+    label_embedding_dim: Annotated[int, POSITIVE] = 256,
     dit_kwargs: dict | None = None,
     unet_preset: str | None = None,
     unet_config: str | None = None,
     unet_kwargs: dict | None = None,
+    use_caption_mask: bool = False,
 ) -> LatentDiffusion:
     """Build a LatentDiffusion by names, with the original's arguments and defaults (plus a few of ours).
+
+    The defaults describe the original's 256-px MicroDiT_XL_2 (its EDM values are `EDMConfig`'s);
+    `released_model_arguments()` gives the released 512-px checkpoints'. `use_caption_mask` masks padded caption
+    tokens (see `LatentDiffusion`). The ranges in the annotations are checked where a config is read
+    (`micro_diffusion.config_checks.check_arguments`).
 
     The DiT is built with input_size = latent_res and caption_channels = the text encoder's width (from the
     format table, without loading weights). `load_text_encoder_weights=False` skips loading the text encoder,
@@ -419,35 +498,64 @@ def create_latent_diffusion(
     configuration `unet_config` ("C", "E" or "G"; default "G"), with preset fields overridden by `unet_kwargs`
     (model_channels, num_blocks, ...); its resolution, channels and classes are latent_res, in_channels and
     num_classes. It is class-conditional (one-hot labels into its own label layer) or, with num_classes and
-    text_encoder_name both None, unconditional. The DiT's own arguments and patch masking do not apply to it.
+    text_encoder_name both None, unconditional. The DiT's own arguments (DIT_ARGUMENTS) and patch masking do not
+    apply to it: setting one of them to other than its default raises, as does setting unet_config or unet_kwargs
+    without unet_preset.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    torch_dtype = DTYPES[dtype]
+    network_arguments = dict(
+        dit_arch=dit_arch, pos_interp_scale=pos_interp_scale, train_mask_ratio=train_mask_ratio,
+        label_embedding_dim=label_embedding_dim, dit_kwargs=dit_kwargs, use_caption_mask=use_caption_mask,
+        unet_config=unet_config, unet_kwargs=unet_kwargs,
+    )
+    _check_network_arguments(unet_preset, network_arguments)
+    weights_dtype = torch_dtype(dtype)
     if unet_preset is None:
-        if unet_config is not None or unet_kwargs is not None:
-            raise ValueError("unet_config and unet_kwargs configure the EDM2 U-Net: set unet_preset too")
         network = _create_dit_network(
             dit_arch, text_encoder_name, num_classes, label_embedding_dim, latent_res, in_channels, pos_interp_scale,
             dit_kwargs,
         )
     else:
-        if dit_kwargs is not None or train_mask_ratio:
-            raise ValueError("dit_kwargs and train_mask_ratio configure the MicroDiT, which unet_preset replaces")
         if text_encoder_name is not None:
             raise ValueError("the EDM2 U-Net is class-conditional or unconditional: set text_encoder_name to None")
         network = _create_unet_network(unet_preset, unet_config or "G", unet_kwargs or {}, latent_res, in_channels,
                                        num_classes)
-    vae = load_vae(vae_name, dtype=torch_dtype)
+    vae = load_vae(vae_name, dtype=weights_dtype)
     text_encoder = None
     if text_encoder_name is not None and load_text_encoder_weights:
-        text_encoder = load_text_encoder(text_encoder_name, dtype=torch_dtype)
+        text_encoder = load_text_encoder(text_encoder_name, dtype=weights_dtype)
     edm = EDMConfig(sigma_data=sigma_data, p_mean=p_mean, p_std=p_std)
     return LatentDiffusion(
         network, vae, text_encoder, edm=edm, train_mask_ratio=train_mask_ratio, latent_res=latent_res,
-        precomputed_latents=precomputed_latents, dtype=torch_dtype, learned_loss_weighting=learned_loss_weighting,
-        num_classes=num_classes, one_hot_labels=unet_preset is not None,
+        precomputed_latents=precomputed_latents, dtype=weights_dtype, learned_loss_weighting=learned_loss_weighting,
+        num_classes=num_classes, one_hot_labels=unet_preset is not None, use_caption_mask=use_caption_mask,
     )
+
+
+def default_arguments() -> dict[str, Any]:
+    """`create_latent_diffusion`'s arguments and their defaults."""
+    return {name: p.default for name, p in inspect.signature(create_latent_diffusion).parameters.items()}
+
+
+def released_model_arguments() -> dict[str, Any]:
+    """The MODEL_DESCRIPTION arguments of the released MicroDiT_XL_2 checkpoints (512 px, 64 x 64 latents)."""
+    defaults = default_arguments()
+    return {name: defaults[name] for name in MODEL_DESCRIPTION} | RELEASED_RESOLUTION
+
+
+def _check_network_arguments(unet_preset: str | None, arguments: dict[str, Any]) -> None:
+    """Raise a ValueError naming the arguments set (to other than their default) for the network not built:
+    DIT_ARGUMENTS with unet_preset, UNET_ARGUMENTS without it."""
+    defaults = default_arguments()
+    ignored = DIT_ARGUMENTS if unet_preset is not None else UNET_ARGUMENTS
+    given = [f"{name}={arguments[name]!r}" for name in ignored if arguments[name] != defaults[name]]
+    if not given:
+        return
+    if unet_preset is not None:
+        raise ValueError(
+            f"{', '.join(given)} configure the MicroDiT, which unet_preset replaces by the EDM2 U-Net "
+            f"{unet_preset!r}: remove them"
+        )
+    raise ValueError(f"{', '.join(given)} configure the EDM2 U-Net: set unet_preset too, or remove them")
 
 
 def _create_dit_network(

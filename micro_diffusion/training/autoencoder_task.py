@@ -30,7 +30,7 @@ Config sections this task reads (the other sections are train.py's, as for the d
       eval_batch_size: 256         # global
       num_workers: 0
 
-Images are read once into memory (`micro_diffusion.autoencoder_stats.load_source_images`), as uint8, and
+Images are read once into memory (`micro_diffusion.data.images.load_source_images`), as uint8, and
 served in [-1, 1]. After training, `micro-diffusion latent-stats --autoencoder <export_folder> ...` stores the
 latent statistics next to the exported model.
 
@@ -51,7 +51,7 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 from composer.core import Callback, Event, State
@@ -65,7 +65,8 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError, Metric
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 from torchvision.utils import make_grid, save_image
 
-from micro_diffusion.autoencoder_stats import ImageSet, load_source_images
+from micro_diffusion.config_checks import NON_NEGATIVE, POSITIVE
+from micro_diffusion.data.images import ImageSet, load_source_images
 from micro_diffusion.encoders.vae import LATENT_STATS_FILE
 from micro_diffusion.models.autoencoder import (
     AutoencoderLoss,
@@ -75,8 +76,8 @@ from micro_diffusion.models.autoencoder import (
     build_autoencoder,
 )
 from micro_diffusion.training.callbacks import EMA, unwrap_composer_model
-from micro_diffusion.training.config import ConfigError, RunConfig, validate_section
-from micro_diffusion.training.tasks import TaskComponents
+from micro_diffusion.training.config import DURATION, ConfigError, RunConfig, validate_section
+from micro_diffusion.training.task_components import TaskComponents
 
 # --------------------------------------------------------------------------------------------------------------
 # Composer model
@@ -238,13 +239,13 @@ class AutoencoderModelSection:
 
     preset: str
     export_folder: str
-    latent_channels: int | None = None
-    downsample_factor: int | None = None
+    latent_channels: Annotated[int | None, POSITIVE] = None
+    downsample_factor: Annotated[int | None, POSITIVE] = None
     sample_posterior: bool = True
     cpu_bf16: bool = False
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
-    grid_images: int = 8
-    grid_interval: str = "500ba"
+    grid_images: Annotated[int, NON_NEGATIVE] = 8
+    grid_interval: Annotated[str, DURATION] = "500ba"
 
 
 @dataclass
@@ -252,14 +253,14 @@ class AutoencoderDataSection:
     """The `data` section (module docstring)."""
 
     source: str
-    image_size: int
+    image_size: Annotated[int, POSITIVE]
     source_options: dict[str, Any] = field(default_factory=dict)
-    max_images: int | None = None
-    num_eval_images: int = 500
+    max_images: Annotated[int | None, POSITIVE] = None
+    num_eval_images: Annotated[int, POSITIVE] = 500
     split_seed: int = 0
-    train_batch_size: int = 256
-    eval_batch_size: int = 256
-    num_workers: int = 0
+    train_batch_size: Annotated[int, POSITIVE] = 256
+    eval_batch_size: Annotated[int, POSITIVE] = 256
+    num_workers: Annotated[int, NON_NEGATIVE] = 0
 
 
 def split_images(images: ImageSet, num_eval: int, seed: int) -> tuple[ImageSet, ImageSet]:

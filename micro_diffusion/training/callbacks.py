@@ -19,20 +19,19 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from composer.callbacks.speed_monitor import get_gpu_flops_available
 from composer.core import Callback, State, Time, TimeUnit
 from composer.loggers import Logger
 from composer.utils import dist, format_name_with_dist, model_eval_mode
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 from torchvision.utils import make_grid, save_image
 
-from micro_diffusion.models.checkpoints import load_checkpoint
+from micro_diffusion.compat import gpu_peak_flops
+from micro_diffusion.data import schema
 from micro_diffusion.models.dit import num_kept_tokens
 
-__all__ = ["EMA", "ImageGridLogger", "NaNGuard", "ThroughputMonitor", "export_ema_weights"]
+__all__ = ["EMA", "ImageGridLogger", "NaNGuard", "ThroughputMonitor"]
 
 # Segments that FSDP, activation checkpointing and torch.compile insert into parameter names. Without them the
 # names are those of the plain model, which are also the keys of Composer's model state dict.
@@ -87,8 +86,9 @@ class EMA(Callback):
 
     Evaluation runs with the EMA weights (swapped in at `Event.EVAL_START`, swapped back at `Event.EVAL_END`, so
     training continues from the raw weights); `ImageGridLogger` samples with them; `applied(state)` swaps them in
-    for any other code. The average is saved in checkpoints (`state_dict`) and restored on resume, and
-    `export_ema_weights` writes it from a checkpoint as a weights-only safetensors file.
+    for any other code. The average is saved in checkpoints (`state_dict`, with the batch it starts at) and restored
+    on resume; `micro_diffusion.models.checkpoints.checkpoint_ema_state` reads it from a checkpoint (Composer keys
+    a callback's state by its class name, `checkpoints.EMA_CALLBACK`), for `micro-diffusion export` and `generate`.
 
     Distributed training: every rank keeps the full average, in the parameters' dtype and on their device. Under
     DDP the ranks' weights are identical, so are their averages. Under FSDP the update and the swap gather the
@@ -185,12 +185,12 @@ class EMA(Callback):
         if self._swapped_in:
             self._swap(state)
 
-    def state_dict(self) -> dict[str, dict[str, Tensor] | None]:
+    def state_dict(self) -> dict[str, dict[str, Tensor] | int | None]:
         if self._swapped_in:
             raise RuntimeError("EMA state requested while the EMA weights are swapped into the model")
-        return {"weights": self.weights}
+        return {"weights": self.weights, "start_batch": self.start_batch}
 
-    def load_state_dict(self, state: dict[str, dict[str, Tensor] | None]) -> None:
+    def load_state_dict(self, state: dict[str, dict[str, Tensor] | int | None]) -> None:
         self.weights = state["weights"]
 
     def _swap(self, state: State) -> None:
@@ -216,31 +216,6 @@ class EMA(Callback):
                 f"missing {missing[:8]}, unexpected {unexpected[:8]}, other shapes {reshaped[:8]}. "
                 "To start a new average from the loaded weights, load the checkpoint with load_weights_only=True."
             )
-
-
-def export_ema_weights(checkpoint_path: str | Path, output_path: str | Path) -> Path:
-    """Write the EMA model of a Composer checkpoint saved with the `EMA` callback as a safetensors file.
-
-    The file holds the full state (parameters with their EMA values, and buffers) of every module the average
-    covers, under the model's key names: `dit.*`, plus `label_embedder.*` for a class-conditional model. It is
-    what `micro_diffusion.models.checkpoints.load_dit_weights(model.dit, path)` reads. The checkpoint is read with
-    `weights_only=True` (tensors and an allowlist of plain-data types), never a bare unpickle.
-    """
-    checkpoint = load_checkpoint(checkpoint_path)
-    state = checkpoint["state"]
-    averages = state.get("callbacks", {}).get(EMA.__qualname__, {}).get("weights")
-    if averages is None:
-        raise KeyError(f"{checkpoint_path} holds no EMA weights: it was not saved by a run with the EMA callback")
-    modules = {name.split(".", 1)[0] for name in averages}
-    weights = {key: value for key, value in state["model"].items() if key.split(".", 1)[0] in modules}
-    missing = sorted(averages.keys() - weights.keys())
-    if missing:
-        raise KeyError(f"{checkpoint_path}: EMA weights without a model entry: {missing[:8]}")
-    weights.update(averages)
-    output_path = Path(output_path)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({key: value.detach().cpu().contiguous() for key, value in weights.items()}, str(output_path))
-    return output_path
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -385,8 +360,8 @@ def _condition_length(model: nn.Module, batch: dict) -> int:
     """Tokens the DiT cross-attends to per image: one for a class label, else the caption states' length L."""
     if model.label_embedder is not None:
         return 1
-    if model.caption_latents_key in batch:
-        return batch[model.caption_latents_key].shape[-2]
+    if schema.BATCH_CAPTION_LATENTS in batch:
+        return batch[schema.BATCH_CAPTION_LATENTS].shape[-2]
     return model.text_encoder.max_length
 
 
@@ -429,7 +404,7 @@ class ThroughputMonitor(Callback):
         self._history: collections.deque[tuple[float, int]] = collections.deque(maxlen=window_size + 1)
 
     def fit_start(self, state: State, logger: Logger) -> None:
-        self._peak_flops = self.peak_flops_per_device or get_gpu_flops_available(state) or None
+        self._peak_flops = self.peak_flops_per_device or gpu_peak_flops(state) or None
         self._flops_per_image = None
         self._history.clear()
 

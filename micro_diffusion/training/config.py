@@ -3,7 +3,8 @@
 A composed Hydra config is validated before anything is built:
 
 - the sections `train.py` consumes itself (optimizer, algorithms, trainer, ...) against the dataclass schemas
-  below: a key that is not a schema field raises, a value of the wrong type raises;
+  below: a key that is not a schema field raises, a value of the wrong type raises, and so does a value outside
+  the range its field declares (`Annotated[int, POSITIVE]`, `DURATION` for Composer time strings);
 - sections whose keys are the arguments of one function or class (`model` for the task's model factory,
   `scheduler`, each entry of `callbacks` and `logger`) against that callable's signature;
 - the task's own sections (`model`, `data`) by the task builder, with the same two helpers.
@@ -15,20 +16,46 @@ of the key. The original code printed "not supported" for an `ema` block and car
 would do nothing stops the run before it starts.
 """
 
-import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from micro_diffusion.compat import cpu_has_amx
+from micro_diffusion.config_checks import (
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    ConfigError,
+    Constraint,
+    Range,
+    check_arguments,
+    constraint_errors,
+)
+
 Schema = TypeVar("Schema")
 
 
-class ConfigError(ValueError):
-    """A configuration key that is unknown, of the wrong type, missing, or set without effect."""
+class PositiveTime(Constraint):
+    """A Composer time string of a positive amount: "1000ba", "5ep", "640000sp", "0.5dur" (None: unset)."""
+
+    def problem(self, value: Any) -> str | None:
+        from composer.core import Time  # imported here: composing and validating a config needs no Composer
+
+        if value is None:
+            return None
+        try:
+            time = Time.from_timestring(str(value))
+        except (TypeError, ValueError):
+            return f"not a Composer time string (a number and a unit: 1000ba, 5ep, 640000sp), got {value!r}"
+        return None if time.value > 0 else f"must be a positive time, got {value!r}"
+
+
+DURATION = PositiveTime()
+SEED = Range(0, 2**32 - 1)  # what Composer's seed_all accepts
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -45,11 +72,11 @@ class OptimizerConfig:
     moe_lr_scale: learning-rate multiplier of the expert-choice MoE parameters (expert weights and router).
     """
 
-    lr: float = MISSING
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    moe_lr_scale: float = 1.0
+    lr: Annotated[float, NON_NEGATIVE] = MISSING
+    weight_decay: Annotated[float, NON_NEGATIVE] = 0.0
+    betas: Annotated[list[float], FRACTION] = field(default_factory=lambda: [0.9, 0.999])
+    eps: Annotated[float, POSITIVE] = 1e-8
+    moe_lr_scale: Annotated[float, NON_NEGATIVE] = 1.0
     decay_all: bool = False
 
 
@@ -58,7 +85,7 @@ class GradientClippingConfig:
     """Composer's GradientClipping: clipping_type "norm", "value" or "adaptive"."""
 
     clipping_type: str = "norm"
-    clipping_threshold: float = MISSING
+    clipping_threshold: Annotated[float, POSITIVE] = MISSING
 
 
 @dataclass
@@ -72,11 +99,15 @@ class AlgorithmsConfig:
 
 @dataclass
 class TrainerConfig:
-    """Arguments of the Composer Trainer (same names), plus `compile` and `fsdp_config`.
+    """Arguments of the Composer Trainer, passed to it by name (`trainer_arguments`): a new Trainer option is one
+    more field here. The fields in TRAINER_CONVERSIONS are converted to Trainer arguments instead, and the
+    evaluation options (EVALUATION_OPTIONS) are passed only when the task has evaluation data.
 
     eval_interval: null when the task has no evaluation data; evaluation runs at this interval otherwise,
         with or without `compile`.
-    compile: torch.compile the training forward (Composer `compile_config={}`).
+    compile: torch.compile the model. Region by region where the model marks compile regions (the MicroDiT: each
+        transformer block and the caption refiner, `models.regional_compile`; train.py then passes
+        `compile_config=None`), else the whole training forward (Composer `compile_config={}`).
     fsdp_config: Composer FSDP options (e.g. sharding_strategy SHARD_GRAD_OP, activation_checkpointing);
         null for DDP. (Typed Any: OmegaConf cannot merge a mapping into an Optional[Dict] that is null.)
     console_log_interval: print metrics to the console at this interval; null for the progress bar only.
@@ -84,13 +115,13 @@ class TrainerConfig:
 
     device: str = "gpu"
     precision: str = "amp_bf16"
-    max_duration: str = MISSING
-    device_train_microbatch_size: Any = None
-    eval_interval: str | None = None
-    eval_subset_num_batches: int = -1
+    max_duration: Annotated[str, DURATION] = MISSING
+    device_train_microbatch_size: Annotated[Any, POSITIVE] = None
+    eval_interval: Annotated[str | None, DURATION] = None
+    eval_subset_num_batches: Annotated[int, Range(low=-1)] = -1
     save_folder: str = MISSING
-    save_interval: str = "1ep"
-    save_num_checkpoints_to_keep: int = -1
+    save_interval: Annotated[str, DURATION] = "1ep"
+    save_num_checkpoints_to_keep: Annotated[int, Range(low=-1)] = -1
     save_overwrite: bool = False
     autoresume: bool = False
     load_path: str | None = None
@@ -100,7 +131,42 @@ class TrainerConfig:
     compile: bool = False
     fsdp_config: Any = None
     progress_bar: bool = True
-    console_log_interval: str | None = None
+    console_log_interval: Annotated[str | None, DURATION] = None
+
+
+def _compile_config(compile: bool) -> dict[str, Any]:
+    return {"compile_config": {} if compile else None}
+
+
+def _parallelism_config(fsdp_config: dict[str, Any] | None) -> dict[str, Any]:
+    return {"parallelism_config": None if fsdp_config is None else {"fsdp": fsdp_config}}
+
+
+def _console_logging(console_log_interval: str | None) -> dict[str, Any]:
+    return {"log_to_console": console_log_interval is not None, "console_log_interval": console_log_interval or "1ba"}
+
+
+# TrainerConfig fields that are not Trainer arguments as they stand -> the Trainer arguments they become.
+TRAINER_CONVERSIONS: dict[str, Callable[[Any], dict[str, Any]]] = {
+    "compile": _compile_config,
+    "fsdp_config": _parallelism_config,
+    "console_log_interval": _console_logging,
+}
+EVALUATION_OPTIONS = ("eval_interval", "eval_subset_num_batches")
+
+
+def trainer_arguments(settings: TrainerConfig, has_eval: bool) -> dict[str, Any]:
+    """The Composer Trainer's keyword arguments for `settings` (model, data, optimiser and the like excluded)."""
+    arguments: dict[str, Any] = {}
+    for option in fields(TrainerConfig):
+        value = getattr(settings, option.name)
+        if option.name in EVALUATION_OPTIONS and not has_eval:
+            continue
+        if option.name in TRAINER_CONVERSIONS:
+            arguments.update(TRAINER_CONVERSIONS[option.name](value))
+        else:
+            arguments[option.name] = value
+    return arguments
 
 
 @dataclass
@@ -113,7 +179,7 @@ class RunConfig:
     """
 
     exp_name: str = MISSING
-    seed: int = MISSING
+    seed: Annotated[int, SEED] = MISSING
     task: str = "diffusion"
     model: dict[str, Any] = MISSING
     data: dict[str, Any] = MISSING
@@ -131,50 +197,30 @@ SCHEMA_NAME = "run_schema"
 ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
 
 
+# `${cpu_has_amx:}` in a config: whether this CPU has AMX tiles, resolved where the config is read (e.g.
+# configs/demo_autoencoder.yaml's `model.cpu_bf16`: bf16 autocast is faster only with native bf16).
+OmegaConf.register_new_resolver("cpu_has_amx", cpu_has_amx)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Validation helpers (also for task builders)
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def validate_section(schema: type[Schema], values: Mapping[str, Any] | DictConfig, path: str = "") -> Schema:
-    """`values` checked against the dataclass `schema` (no unknown keys, types converted, nothing missing)."""
+    """`values` checked against the dataclass `schema` (no unknown keys, types converted, nothing missing, values
+    within the ranges their fields declare)."""
     try:
         merged = OmegaConf.merge(OmegaConf.structured(schema), values)
-        return OmegaConf.to_object(merged)
+        section = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         key = ".".join(part for part in (path, str(getattr(error, "full_key", "") or "")) if part)
         reason = str(error).splitlines()[0]
         raise ConfigError(f"{key or '<root>'}: {reason}") from None
-
-
-def check_arguments(target: Callable, arguments: Mapping[str, Any], path: str) -> None:
-    """Raise a ConfigError naming `path.<key>` for a key that is not an argument of `target`, or for a
-    required argument that is missing. A target that takes **kwargs cannot be checked and is refused."""
-    parameters = _keyword_parameters(target, path)
-    unknown = sorted(set(arguments) - set(parameters))
-    if unknown:
-        raise ConfigError(
-            f"{path}.{unknown[0]}: unknown key; {_name(target)} takes {', '.join(sorted(parameters)) or 'nothing'}"
-        )
-    missing = [name for name, p in parameters.items() if p.default is p.empty and name not in arguments]
-    if missing:
-        raise ConfigError(f"{path}.{missing[0]}: required by {_name(target)} but not set")
-
-
-def _keyword_parameters(target: Callable, path: str) -> dict[str, inspect.Parameter]:
-    """The arguments `target` can take by keyword. Classes that inherit Composer's `Callback.__init__` (a stub
-    that swallows any argument) take none."""
-    from composer.core import Callback  # imported here: composing and validating a config needs no Composer
-
-    if inspect.isclass(target) and target.__init__ in (object.__init__, Callback.__init__):
-        return {}
-    signature = inspect.signature(target)
-    if any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
-        raise TypeError(f"{path}: {_name(target)} takes **kwargs, so its configuration keys cannot be checked")
-    return {
-        name: p for name, p in signature.parameters.items()
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name != "self"
-    }
+    errors = constraint_errors(schema, {option.name: getattr(section, option.name) for option in fields(schema)}, path)
+    if errors:
+        raise ConfigError("; ".join(errors))
+    return section
 
 
 def call_with(target: Callable, arguments: Mapping[str, Any], path: str) -> Any:
@@ -188,10 +234,6 @@ def pick(registry: Mapping[str, Any], name: str, path: str) -> Any:
     if name not in registry:
         raise ConfigError(f"{path}: unknown name {name!r}; choose one of {', '.join(sorted(registry))}")
     return registry[name]
-
-
-def _name(target: Callable) -> str:
-    return getattr(target, "__qualname__", repr(target))
 
 
 # ----------------------------------------------------------------------------------------------------------------

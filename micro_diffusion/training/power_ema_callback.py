@@ -22,20 +22,19 @@ from composer.loggers import Logger
 from composer.utils import dist
 from torch import nn
 
-from micro_diffusion.diffusion.power_ema import PowerFunctionEMA
-from micro_diffusion.posthoc_ema import DTYPES, save_snapshot
+from micro_diffusion.diffusion.power_ema import PowerFunctionEMA, save_snapshot
+from micro_diffusion.dtypes import DTYPES
+from micro_diffusion.models.checkpoints import trained_modules
+from micro_diffusion.training.callbacks import unwrap_composer_model
 
 log = logging.getLogger(__name__)
 
 
 def _averaged_modules(model: nn.Module, network: nn.Module) -> nn.Module:
-    """What the EMAs average: the network, or, for a class-conditional MicroDiT, the network and its learned label
-    embedding together, keyed "dit.*" and "label_embedder.weight" (the LatentDiffusion layout, which
-    `load_dit_weights` and `generate.load_weights` read), since sampling needs both."""
-    label_embedder = getattr(model, "label_embedder", None)
-    if label_embedder is None or network is not getattr(model, "dit", None):
-        return network
-    return nn.ModuleDict({"dit": network, "label_embedder": label_embedder})
+    """What the EMAs average: a LatentDiffusion's trained modules (`models.checkpoints.trained_modules`: its network,
+    and a class-conditional MicroDiT's label embedding with it, since sampling needs both), or any other network
+    as it is."""
+    return trained_modules(model) if network is getattr(model, "dit", None) else network
 
 
 class PowerEMA(Callback):
@@ -52,7 +51,7 @@ class PowerEMA(Callback):
             "label_embedder.weight").
         snapshot_dtype: 'float32', 'float16' or 'bfloat16' for the stored parameters (buffers keep their dtype).
 
-    Snapshots are named phema-<images>-<sigma_rel>.safetensors (see micro_diffusion.posthoc_ema).
+    Snapshots are named phema-<images>-<sigma_rel>.safetensors (see micro_diffusion.diffusion.power_ema).
     """
 
     def __init__(
@@ -81,7 +80,7 @@ class PowerEMA(Callback):
             raise ValueError("PowerEMA does not support FSDP-sharded models; train with DDP or a single device")
         t_images = state.timestamp.sample.value
         if self.ema is None:
-            model = state.model.module if state.is_model_ddp else state.model
+            model = unwrap_composer_model(state.model)
             network = attrgetter(self.network_attribute)(model)
             if not isinstance(network, nn.Module):
                 raise TypeError(f"model.{self.network_attribute} is a {type(network).__name__}, not an nn.Module")

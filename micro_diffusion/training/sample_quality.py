@@ -15,13 +15,14 @@ from pathlib import Path
 from composer.core import Callback, State
 from composer.loggers import Logger
 from composer.utils import dist
-from torch.nn.parallel import DistributedDataParallel
 
-from micro_diffusion.data.sources.shapes import sample_specs
+from micro_diffusion.data.sources.shapes import sample_prompts
 from micro_diffusion.eval.features import FeatureExtractor, get_feature_extractor
 from micro_diffusion.eval.frechet import compute_image_metrics
+from micro_diffusion.eval.reference import reference_statistics
 from micro_diffusion.eval.shapes_score import shapes_score
-from micro_diffusion.evaluate import generate_samples, reference_statistics
+from micro_diffusion.models.sampling import generate_samples
+from micro_diffusion.training.callbacks import unwrap_composer_model
 
 
 class SampleQuality(Callback):
@@ -56,7 +57,7 @@ class SampleQuality(Callback):
         if num_samples < 2 or every_n_evals < 1:
             raise ValueError("SampleQuality needs num_samples >= 2 and every_n_evals >= 1")
         if prompts == "shapes":
-            self.prompts = [spec.caption() for spec in sample_specs(num_samples, seed=seed)]
+            self.prompts = sample_prompts(num_samples, seed=seed)
         elif isinstance(prompts, str) or not prompts:
             raise ValueError(f"prompts must be 'shapes' or a non-empty list of prompts, got {prompts!r}")
         else:
@@ -79,7 +80,7 @@ class SampleQuality(Callback):
         self._evals += 1
         if self._evals % self.every_n_evals or dist.get_global_rank() != 0:
             return
-        model = state.model.module if isinstance(state.model, DistributedDataParallel) else state.model
+        model = unwrap_composer_model(state.model)
         was_training = model.training
         model.eval()
         try:

@@ -1,43 +1,30 @@
 """Task registry: what `train.py` trains, chosen by the config's `task` key.
 
-A task builder takes the validated `RunConfig` and returns `TaskComponents`: the Composer model, the train and
-evaluation dataloaders and any callbacks that only make sense for that task. It owns the `model` and `data`
-sections and must reject keys it does not use (see `micro_diffusion.training.config.validate_section` and
-`call_with`). Everything generic (optimiser, schedule, algorithms, loggers, callbacks, Trainer) is built by
-`train.py` from the other sections.
+A task builder takes the validated `RunConfig` and returns `TaskComponents` (`training.task_components`): the
+Composer model, the train and evaluation dataloaders and any callbacks that only make sense for that task. It owns
+the `model` and `data` sections and must reject keys it does not use (see
+`micro_diffusion.training.config.validate_section` and `call_with`). Everything generic (optimiser, schedule,
+algorithms, loggers, callbacks, Trainer) is built by `train.py` from the other sections.
 """
 
 from __future__ import annotations
 
 import inspect
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from composer.core import Callback
-from composer.models import ComposerModel
 from omegaconf import MISSING
 from streaming import StreamingDataset
 
+from micro_diffusion.config_checks import NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, check_arguments
 from micro_diffusion.data.loader import build_streaming_latents_dataloader
 from micro_diffusion.encoders.text import text_encoder_format
 from micro_diffusion.models.model import LatentDiffusion, UNetNetwork, create_latent_diffusion
-from micro_diffusion.training.config import ConfigError, RunConfig, check_arguments, validate_section
-
-
-@dataclass
-class TaskComponents:
-    """What a task contributes to a run. eval_dataloader is None when the task has no evaluation data."""
-
-    model: ComposerModel
-    train_dataloader: Iterable
-    eval_dataloader: Iterable | None = None
-    callbacks: list[Callback] = field(default_factory=list)
-
-
-TaskBuilder = Callable[[RunConfig], TaskComponents]
-
+from micro_diffusion.training.autoencoder_task import build_autoencoder_task
+from micro_diffusion.training.config import RunConfig, validate_section
+from micro_diffusion.training.task_components import TaskBuilder, TaskComponents
 
 # ----------------------------------------------------------------------------------------------------------------
 # Latent diffusion
@@ -66,13 +53,13 @@ class LatentDataConfig:
     datadir: str = "."
     train_streams: list[Any] = MISSING
     eval_streams: list[Any] | None = None
-    image_size: int = MISSING
-    train_batch_size: int = MISSING
-    eval_batch_size: int | None = None
-    cap_drop_prob: float = 0.0
-    caption_shape: list[int] | None = None
-    num_workers: int = 0
-    prefetch_factor: int | None = None
+    image_size: Annotated[int, POSITIVE] = MISSING
+    train_batch_size: Annotated[int, POSITIVE] = MISSING
+    eval_batch_size: Annotated[int | None, POSITIVE] = None
+    cap_drop_prob: Annotated[float, PROBABILITY] = 0.0
+    caption_shape: Annotated[list[int] | None, POSITIVE] = None
+    num_workers: Annotated[int, NON_NEGATIVE] = 0
+    prefetch_factor: Annotated[int | None, POSITIVE] = None
     persistent_workers: bool = False
     pin_memory: bool = False
     streaming: dict[str, Any] = field(default_factory=dict)
@@ -202,13 +189,6 @@ def _mark_checkpointable_blocks(model: LatentDiffusion) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def build_autoencoder_task(run: RunConfig) -> TaskComponents:
-    """The autoencoder task (`micro_diffusion.training.autoencoder_task`), imported only when used."""
-    from micro_diffusion.training.autoencoder_task import build_autoencoder_task as build
-
-    return build(run)
 
 
 TASKS: dict[str, TaskBuilder] = {

@@ -17,7 +17,8 @@ class Record:
     Attributes:
         key: unique, stable id of the example inside its source (used in error messages and for resume).
         image: the decoded image (any mode; converters convert to RGB), or None when `encoded` is given.
-        caption: the text prompt ("" when the source has none).
+        caption: the text prompt ("" when the source has none); the raw bytes when the caption file is not
+            valid UTF-8, which the converter counts as a skipped record.
         label: integer class label, or -1 when the source has no labels.
         extra: source-specific ground truth (e.g. the object list of a shapes image), JSON-serialisable.
         encoded: the image file's bytes as stored by a file-based source, decoded later by `open_image`
@@ -27,7 +28,7 @@ class Record:
 
     key: str
     image: Image.Image | None
-    caption: str
+    caption: str | bytes
     label: int = -1
     extra: dict[str, Any] = field(default_factory=dict)
     encoded: bytes | None = None

@@ -34,12 +34,18 @@ def safe_join(root: Path, relative: str) -> Path:
     return path
 
 
-def caption_text(value: Any) -> str:
-    """A caption cell -> stripped text; a list gives its first item; None, NaN or bytes are handled."""
+def caption_text(value: Any) -> str | bytes:
+    """A caption cell -> stripped text; a list gives its first item; None, NaN or bytes are handled.
+
+    Bytes that are not valid UTF-8 are returned as they are, for the converter to count as a skipped record.
+    """
     if isinstance(value, list | tuple):
         value = value[0] if value else None
     if isinstance(value, bytes):
-        value = value.decode("utf-8", errors="replace")
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
     if value is None or (isinstance(value, float) and value != value):
         return ""
     return str(value).strip()

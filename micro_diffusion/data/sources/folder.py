@@ -87,7 +87,7 @@ def _iter_sidecar(root: Path, labels_from_subfolders: bool) -> Iterator[Record]:
                 )
             label = class_names.index(relative.parts[0])
         sidecar = path.with_suffix(".txt")
-        caption = sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else ""
+        caption = caption_text(sidecar.read_bytes()) if sidecar.is_file() else ""
         yield Record(key=str(relative), image=None, encoded=path.read_bytes(), caption=caption, label=label)
 
 

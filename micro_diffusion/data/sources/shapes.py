@@ -202,6 +202,14 @@ def sample_specs(
     return [sample_spec(_sample_rng(seed, index), max_groups, max_count) for index in range(num_specs)]
 
 
+def sample_prompts(
+    num_prompts: int, seed: int = 0, max_groups: int = 2, max_count: int = MAX_COUNT
+) -> list[str]:
+    """The shapes prompt set: the captions of `sample_specs(num_prompts, seed, ...)`, which `parse_caption` (and
+    so the shapes score) reads back. Prompt i depends only on (seed, i)."""
+    return [spec.caption() for spec in sample_specs(num_prompts, seed, max_groups, max_count)]
+
+
 def _group_regions(spec: ShapesSpec, rng: np.random.Generator) -> list[Box]:
     """One box per group: the whole canvas, or the two sides of a random cut (the first group on the side
     its relation names; a random side for "and")."""

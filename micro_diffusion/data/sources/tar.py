@@ -50,7 +50,7 @@ def iter_tar(
             metadata = _json_member(members, where) if caption_json_field or extra_json_fields else {}
             if captions_folder is not None:
                 caption_file = captions_folder / f"{Path(key).name}.txt"
-                caption = caption_file.read_text(encoding="utf-8").strip() if caption_file.is_file() else ""
+                caption = caption_text(caption_file.read_bytes()) if caption_file.is_file() else ""
             elif caption_json_field is not None:
                 caption = caption_text(metadata.get(caption_json_field))
             else:

@@ -1,4 +1,4 @@
-"""Command-line options that may also come from a YAML file, shared by `convert` and `precompute`.
+"""Command-line options that may also come from a YAML file, shared by `convert`, `precompute`, `latent-stats`.
 
 `--config job.yaml` sets defaults for the other options (keys are the option names with underscores, e.g.
 `min_size: 256`); options given on the command line win. An unknown key in the YAML file is an error.

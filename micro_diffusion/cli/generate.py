@@ -31,40 +31,40 @@ itself, so its network weights suffice.
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
+import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
-import torch
+import torch.distributed as dist
 from torch import Tensor
 from torchvision.utils import save_image
+from tqdm.auto import tqdm
 
-from micro_diffusion.models.checkpoints import PREFIXES, load_dit_state, read_state_dict
-from micro_diffusion.models.model import DTYPES, SAMPLERS, LatentDiffusion, create_latent_diffusion
+from micro_diffusion.diffusion.samplers import check_seeds
+from micro_diffusion.distributed import Distributed, init_distributed
+from micro_diffusion.dtypes import DTYPES
+from micro_diffusion.eval.sample_folder import (
+    MANIFEST,
+    SETTINGS_FILE,
+    SampleSet,
+    parse_seeds,
+    sample_batches,
+    write_manifest,
+)
+from micro_diffusion.models.model import SAMPLERS, LatentDiffusion
+from micro_diffusion.models.sampling import (
+    CONDITIONINGS,
+    RELEASED_MODEL,
+    Condition,
+    build_model,
+    model_arguments,
+    model_conditioning,
+    sample_images,
+)
 
-# The model flags (by their `create_latent_diffusion` argument names) and their defaults: the released model.
-RELEASED_MODEL: dict[str, Any] = {
-    "dit_arch": "MicroDiT_XL_2",
-    "latent_res": 64,
-    "in_channels": 4,
-    "pos_interp_scale": 2.0,
-    "vae_name": "stabilityai/stable-diffusion-xl-base-1.0",
-    "text_encoder_name": "openclip:hf-hub:apple/DFN5B-CLIP-ViT-H-14-378",
-    "dtype": "bfloat16",
-}
-# What a model is conditioned on -> how it is named in messages.
-CONDITIONINGS = {"text": "text-to-image", "class": "class-conditional", "unconditional": "unconditional"}
 DEFAULT_GUIDANCE = 5.0
-RESOLVED_CONFIG_COMMAND = "python train.py --config-path configs --config-name <name> --cfg job --resolve"
-Condition = str | int | None  # a prompt, a class label, or None (unconditional model)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The model
-# --------------------------------------------------------------------------------------------------------------
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, weights_required: bool = True) -> None:
@@ -83,7 +83,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, weights_required: bool 
     group.add_argument("--vae", dest="vae_name", help=_default("vae_name"))
     group.add_argument("--text-encoder", dest="text_encoder_name", help=_default("text_encoder_name"))
     group.add_argument("--dtype", choices=sorted(DTYPES), help=_default("dtype"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
 
 
 def _default(name: str) -> str:
@@ -98,6 +98,14 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, seed: int = 2024) ->
     parser.add_argument("--seed", type=int, default=seed, help="image i uses seed + i")
 
 
+def check_image_seeds(parser: argparse.ArgumentParser, seeds: Iterable[int]) -> None:
+    """The images' seeds checked (`check_seeds`) as a usage error, so a bad one fails before the model loads."""
+    try:
+        check_seeds(seeds)
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
+
+
 def resolve_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Fold the model flags and --model-config into `args.model` (every `create_latent_diffusion` argument), set
     `args.conditioning` (a key of CONDITIONINGS) and the guidance default; errors go through `parser.error`."""
@@ -105,11 +113,9 @@ def resolve_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     for name in RELEASED_MODEL:
         delattr(args, name)
     try:
-        chosen = RELEASED_MODEL if args.model_config is None else read_model_config(args.model_config)
+        args.model = model_arguments(args.model_config, flags)
     except (OSError, ValueError) as error:
         parser.error(f"--model-config {args.model_config}: {error}")
-    defaults = {name: p.default for name, p in inspect.signature(create_latent_diffusion).parameters.items()}
-    args.model = defaults | chosen | flags
     args.conditioning = model_conditioning(args.model)
     if args.guidance is None:
         args.guidance = 1.0 if args.conditioning == "unconditional" else DEFAULT_GUIDANCE
@@ -117,141 +123,93 @@ def resolve_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f"an unconditional model has no guidance: --guidance must be 1.0, not {args.guidance}")
 
 
-def read_model_config(path: Path) -> dict[str, Any]:
-    """The `create_latent_diffusion` arguments in a YAML file (top level, or its `model:` section), checked:
-    unknown keys, unresolved `${...}` interpolations and raw Hydra configs raise a ValueError naming the key."""
-    from omegaconf import OmegaConf  # imported here (with the config helpers): only a model config needs them
-
-    from micro_diffusion.training.config import check_arguments
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    values = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    if not isinstance(values, dict):
-        raise ValueError("must hold a mapping of create_latent_diffusion arguments (at top level or under model:)")
-    if "defaults" in values:
-        raise ValueError(
-            "is a raw Hydra config (it has a defaults list): its model section lacks what the defaults add; "
-            f"dump the composed, resolved config instead ({RESOLVED_CONFIG_COMMAND})"
-        )
-    if isinstance(values.get("model"), dict):
-        values = values["model"]
-    unresolved = next(_interpolations(values, "model"), None)
-    if unresolved is not None:
-        raise ValueError(
-            f"{unresolved[0]} is an interpolation ({unresolved[1]!r}); the file must hold plain values: dump the "
-            f"composed, resolved config ({RESOLVED_CONFIG_COMMAND})"
-        )
-    check_arguments(create_latent_diffusion, values, "model")
-    return values
-
-
-def _interpolations(value: Any, key: str) -> Iterator[tuple[str, str]]:
-    """(dotted key, text) of the `${...}` strings in a nested mapping / list."""
-    if isinstance(value, dict):
-        for name, item in value.items():
-            yield from _interpolations(item, f"{key}.{name}")
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from _interpolations(item, f"{key}.{index}")
-    elif isinstance(value, str) and "${" in value:
-        yield key, value
-
-
-def model_conditioning(model_arguments: dict[str, Any]) -> str:
-    """What the model built from these `create_latent_diffusion` arguments samples from: "class" (num_classes
-    set), "text" (a text encoder) or "unconditional" (neither: the EDM2 U-Net only)."""
-    if model_arguments["num_classes"] is not None:
-        return "class"
-    return "text" if model_arguments["text_encoder_name"] is not None else "unconditional"
-
-
-def build_model(args: argparse.Namespace) -> LatentDiffusion:
-    """The LatentDiffusion of `args.model` (see `resolve_model`) with the weights of `args.weights`, in eval mode."""
-    model = create_latent_diffusion(**args.model)
-    load_weights(model, args.weights)
-    return model.to(args.device).eval()
-
-
-def load_weights(model: LatentDiffusion, path: Path) -> None:
-    """Load the network's weights strictly, and a class-conditional MicroDiT's label embedding (num_classes, C)."""
-    load_network_state(model, read_state_dict(path), str(path))
-
-
-def load_network_state(model: LatentDiffusion, state: dict[str, Tensor], source: str) -> None:
-    """`load_weights` for a state dict in memory (e.g. a post-hoc EMA reconstruction); `source` names it in errors."""
-    load_dit_state(model.dit, state, source)
-    if model.label_embedder is None:
-        return
-    names = [prefix.removesuffix("dit.") + "label_embedder.weight" for prefix in PREFIXES]
-    found = [name for name in names if name in state]
-    if not found:
-        raise KeyError(
-            f"{source} holds no label embedding ({' or '.join(names)}): a class-conditional MicroDiT needs it "
-            "besides the network weights; pass a training checkpoint, an exported EMA or a post-hoc EMA"
-        )
-    model.label_embedder.load_state_dict({"weight": state[found[0]]})
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Sampling
-# --------------------------------------------------------------------------------------------------------------
-
-
-def sample_images(model: LatentDiffusion, conditions: Sequence[Condition], seeds: Sequence[int], **sampling) -> Tensor:
-    """Images (B, 3, H, W) in [0, 1]: image i from seeds[i] and conditions[i], a prompt (text-to-image model), a
-    class label (class-conditional) or None (unconditional). `sampling`: the other `generate` arguments."""
-    if model.unconditional:
-        return model.generate(seeds=list(seeds), **sampling)
-    keyword = "prompt" if model.num_classes is None else "class_labels"
-    return model.generate(seeds=list(seeds), **{keyword: list(conditions)}, **sampling)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="micro-diffusion generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     add_sampling_arguments(parser)
-    conditions = parser.add_mutually_exclusive_group(required=True)
+    conditions = parser.add_mutually_exclusive_group()
     conditions.add_argument("--prompt", action="append", help="text-to-image: repeat for several prompts")
     conditions.add_argument("--class-label", action="append", type=int,
                             help="class-conditional: repeat for several labels")
     conditions.add_argument("--num-images", type=int, help="unconditional: this many images")
     parser.add_argument("--images-per-prompt", type=int, default=1, help="images per --prompt / --class-label")
     parser.add_argument("--out", type=Path, default=Path("outputs/generate/grid.png"))
+    parser.add_argument("--outdir", type=Path, help="one PNG per sample, DIR/<seed>.png, and DIR/manifest.jsonl; "
+                        "files already there are kept (a killed run resumes); each launcher process makes its slice")
+    parser.add_argument("--seeds", type=parse_seeds, help="with --outdir: e.g. 0-49999 or 1,5,10-12; the "
+                        "prompts / class labels are cycled over them (default: --seed + i, one per condition)")
+    parser.add_argument("--batch-size", type=int, default=32, help="with --outdir: images per batch")
     args = parser.parse_args(argv)
     resolve_model(parser, args)
-    given = next(flag for flag in ("prompt", "class_label", "num_images") if getattr(args, flag) is not None)
+    if args.seeds is not None and args.outdir is None:
+        parser.error("--seeds names the files of --outdir: give --outdir too")
+    given = next((flag for flag in ("prompt", "class_label", "num_images") if getattr(args, flag) is not None), None)
     expected = {"text": "prompt", "class": "class_label", "unconditional": "num_images"}[args.conditioning]
-    if given != expected:
+    if given is None and not (expected == "num_images" and args.seeds is not None):
+        parser.error(f"the model is {CONDITIONINGS[args.conditioning]}: give --{expected.replace('_', '-')}")
+    if given is not None and given != expected:
         parser.error(f"the model is {CONDITIONINGS[args.conditioning]}: it samples from "
                      f"--{expected.replace('_', '-')}, not --{given.replace('_', '-')}")
     if args.num_images is not None and (args.num_images < 1 or args.images_per_prompt != 1):
         parser.error("--num-images must be >= 1 and takes no --images-per-prompt")
+    check_image_seeds(parser, args.seeds or range(args.seed, args.seed + len(conditions_of(args))))
     return args
 
 
 def conditions_of(args: argparse.Namespace) -> list[Condition]:
     """One condition per image: each prompt / class label repeated --images-per-prompt times, or None each."""
-    if args.num_images is not None:
-        return [None] * args.num_images
+    if args.num_images is not None or (args.prompt is None and args.class_label is None):
+        return [None] * (args.num_images or 1)
     chosen = args.prompt if args.prompt is not None else args.class_label
     return [condition for condition in chosen for _ in range(args.images_per_prompt)]
 
 
+def settings_of(args: argparse.Namespace) -> dict:
+    """The command's settings as JSON-ready values (paths as strings), to store beside its images."""
+    return json.loads(json.dumps(vars(args), default=str))
+
+
+def write_sample_folder(args: argparse.Namespace, model: LatentDiffusion, world: Distributed) -> None:
+    """--outdir: this process's slice of the samples, one PNG each, skipping those already written."""
+    conditions = conditions_of(args)
+    seeds = args.seeds or range(args.seed, args.seed + len(conditions))
+    samples = SampleSet.of(seeds, [conditions[i % len(conditions)] for i in range(len(seeds))])
+    if world.rank == 0:
+        write_manifest(args.outdir, samples)
+        (args.outdir / SETTINGS_FILE).write_text(json.dumps(settings_of(args), indent=2))
+    world.barrier()
+    mine = world.shard(len(seeds))
+    todo = [i for i in mine if not (args.outdir / samples.files[i]).is_file()]
+
+    def make(indices: list[int]) -> Tensor:
+        return sample_images(model, [samples.conditions[i] for i in indices], [samples.seeds[i] for i in indices],
+                             guidance_scale=args.guidance, num_inference_steps=args.steps, sampler=args.sampler)
+
+    for _ in tqdm(sample_batches(todo, args.batch_size, make, args.outdir, samples.files), unit="batch",
+                  total=-(-len(todo) // args.batch_size), desc=f"generate rank {world.rank}", disable=world.rank != 0):
+        pass
+    done = world.reduce(len(todo), dist.ReduceOp.SUM)
+    if world.rank == 0:
+        print(f"wrote {int(done)} images to {args.outdir} ({len(seeds) - int(done)} were there already; "
+              f"{world.world_size} processes; prompts in {args.outdir / MANIFEST})")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    model = build_model(args)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    world = init_distributed(args.device)
+    model = build_model(args.model, args.weights, world.device)
+    if args.outdir is not None:
+        write_sample_folder(args, model, world)
+        world.close()
+        return
     conditions = conditions_of(args)
     seeds = range(args.seed, args.seed + len(conditions))
     images = sample_images(model, conditions, seeds, guidance_scale=args.guidance, num_inference_steps=args.steps,
                            sampler=args.sampler, progress=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, args.out, nrow=max(1, int(math.sqrt(len(conditions)))))
-    protocol = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    args.out.with_suffix(".json").write_text(json.dumps(protocol, indent=2))
+    args.out.with_suffix(".json").write_text(json.dumps(settings_of(args), indent=2))
     print(f"wrote {len(conditions)} images to {args.out} (settings in {args.out.with_suffix('.json')})")
-
-
-if __name__ == "__main__":
-    main()
+    world.close()

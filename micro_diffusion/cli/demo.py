@@ -1,0 +1,149 @@
+"""`micro-diffusion demo`: run the demo's pipeline file, yamls/demo.yaml, and its report step.
+
+    micro-diffusion demo                                 # yamls/demo.yaml of the source checkout, into outputs/demo
+    micro-diffusion demo --out /tmp/demo --var num_train=2000 demo_dit_pretrain:trainer.max_duration=300ba
+    micro-diffusion demo --pipeline my_demo.yaml         # a copy, edited
+    micro-diffusion demo report --runs RUN [RUN ...] --out DIR ...   # the pipeline's last step (see its --help)
+
+Everything the demo does, with every setting, is in the pipeline file and the configs it names: rendered shapes
+-> raw MDS (convert), the autoencoder (configs/demo_autoencoder.yaml) and its latent statistics (latent-stats),
+latents (precompute), two MicroDiT stages (configs/demo_dit_pretrain.yaml, demo_dit_finetune.yaml), and the
+report: EMA weights exported, a grid for fixed prompts, sample images, the shapes score of N samples with its
+protocol (metrics.json) and the loss curves. Each step is skipped once done, so an interrupted demo resumes.
+Arguments after the options go to the pipeline runner (micro_diffusion/pipeline.py): `KEY=VALUE` is a Hydra
+override for every training stage, `STAGE:ARGUMENT` one for a single stage (a config or command argument).
+
+The pipeline file, its configs and train.py live in the source repository, not in an installed package: from an
+installed package, pass `--pipeline <checkout>/yamls/demo.yaml` (or run from the checkout's root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+from micro_diffusion.pipeline import FINAL_CHECKPOINT, STAGE_CONFIG, load_pipeline, parse_variables, run_pipeline
+
+PIPELINE = Path("yamls") / "demo.yaml"
+
+
+def find_pipeline() -> Path | None:
+    """yamls/demo.yaml of the checkout this package runs from, else of the current directory; None if neither."""
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
+        if (root / PIPELINE).is_file():
+            return root / PIPELINE
+    return None
+
+
+def run_demo(argv: list[str] | None) -> None:
+    """Load the pipeline file with the command line's variables and overrides, and run what is not done yet."""
+    found = find_pipeline()
+    where = (f"default: {found}, with the configs of {found.parents[1] / 'configs'}" if found
+             else f"none found: no {PIPELINE} beside the package or here")
+    parser = argparse.ArgumentParser(prog="micro-diffusion demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pipeline", type=Path, default=found, help=f"the demo's pipeline file ({where})")
+    parser.add_argument("--out", type=Path, help="output folder (sets the file's `out` variable)")
+    parser.add_argument("--var", action="append", metavar="NAME=VALUE", help="a value of the file's vars, repeatable")
+    parser.add_argument("--nproc", type=int, help="processes of the training stages (default: the file's)")
+    parser.add_argument("overrides", nargs="*", help="KEY=VALUE for every training stage, STAGE:ARGUMENT for one")
+    args = parser.parse_intermixed_args(argv)
+    if args.pipeline is None:
+        parser.error(f"the demo's pipeline file ({PIPELINE}), the configs it names and train.py are in the source "
+                     "repository, not in the installed package: pass --pipeline <checkout>/yamls/demo.yaml")
+    try:
+        variables = parse_variables(args.var) | ({"out": str(args.out.resolve())} if args.out else {})
+        pipeline = load_pipeline(args.pipeline, args.overrides, args.nproc, variables)
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
+    start = time.time()
+    run_pipeline(pipeline)
+    print(f"[demo] done in {(time.time() - start) / 60:.1f} min; outputs in {pipeline.variables.get('out')}")
+
+
+def report(argv: list[str] | None) -> None:
+    """The demo's evaluation: grid, samples, shapes score and loss curves of the final run's EMA weights."""
+    import torch
+    from torchvision.utils import save_image
+
+    from micro_diffusion.data.sources.shapes import sample_prompts
+    from micro_diffusion.eval.report import (
+        EvalProtocol,
+        metric_records,
+        plot_loss_curves,
+        save_sample_grid,
+        write_report,
+    )
+    from micro_diffusion.eval.shapes_score import shapes_score
+    from micro_diffusion.models.sampling import build_model, generate_samples, model_arguments
+    from micro_diffusion.models.checkpoints import export_ema_weights
+
+    args = report_parser().parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    run, out = args.runs[-1], args.out
+    out.mkdir(parents=True, exist_ok=True)
+    weights = export_ema_weights(run / FINAL_CHECKPOINT, out / "dit_ema.safetensors")
+    model = build_model(model_arguments(run / STAGE_CONFIG), weights, device)
+    sampling = {"num_inference_steps": args.steps, "guidance_scale": args.guidance}
+
+    grid = generate_samples(model, args.grid_prompts, args.grid_seed, len(args.grid_prompts), **sampling)
+    save_sample_grid(grid, out / "grid.png")
+    (out / "grid_prompts.txt").write_text("\n".join(args.grid_prompts) + "\n")
+
+    prompts = sample_prompts(args.num_samples, seed=args.seed, max_groups=args.max_groups)
+    images = generate_samples(model, prompts, args.seed, args.batch_size, **sampling)
+    samples = out / "samples"
+    samples.mkdir(exist_ok=True)
+    for i, (image, prompt) in enumerate(itertools.islice(zip(images, prompts), args.save_images)):
+        save_image(image, samples / f"{i:03d}_{prompt.replace(' ', '_')}.png")
+    score = shapes_score(images, prompts)
+    count = int(score.pop("num_images"))
+    groups = "single-object" if args.max_groups == 1 else f"up to {args.max_groups} groups of"
+    protocol = EvalProtocol("shapes-checker", count, f"shapes grammar, {groups} prompts (seed {args.seed})",
+                            "edm-heun", args.steps, args.guidance, args.seed)
+    records = metric_records({f"shapes/{key}": value for key, value in score.items()}, protocol)
+    written = write_report(out / "metrics.json", records, sample_grid=out / "grid.png")
+    plot = plot_loss_curves(args.runs, out / "loss.png", title="MicroDiT demo on shapes")
+
+    print(json.dumps({record["metric"]: round(record["value"], 3) for record in written["results"]}, indent=2))
+    print(f"grid: {out / 'grid.png'} (prompts in grid_prompts.txt)\nsamples: {samples}\n"
+          f"metrics: {out / 'metrics.json'}\nloss curves: {plot}")
+
+
+def report_parser() -> argparse.ArgumentParser:
+    """Options of `micro-diffusion demo report`; every setting comes from the pipeline file (yamls/demo.yaml)."""
+    parser = argparse.ArgumentParser(
+        prog="micro-diffusion demo report", description=report.__doc__ + " Its settings: yamls/demo.yaml."
+    )
+    parser.add_argument("--runs", type=Path, nargs="+", required=True,
+                        help="training runs in order: all have their losses plotted; the last is evaluated (its "
+                             f"{STAGE_CONFIG} from the pipeline runner and {FINAL_CHECKPOINT}, with EMA weights)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--grid-prompts", nargs="+", required=True, help="prompts of grid.png (a square number)")
+    parser.add_argument("--grid-seed", type=int, required=True, help="grid image i uses this seed + i")
+    parser.add_argument("--num-samples", type=int, required=True, help="samples scored by the shapes checker")
+    parser.add_argument("--max-groups", type=int, required=True, help="shape groups per scored prompt")
+    parser.add_argument("--seed", type=int, required=True, help="seed of the scored prompts; sample i uses seed + i")
+    parser.add_argument("--save-images", type=int, required=True, help="scored samples saved as PNG files")
+    parser.add_argument("--steps", type=int, required=True, help="EDM Heun steps")
+    parser.add_argument("--guidance", type=float, required=True, help="classifier-free guidance scale")
+    parser.add_argument("--batch-size", type=int, required=True, help="samples per generation call")
+    parser.add_argument("--device", help="default: cuda when available, else cpu")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`micro-diffusion demo [options]` runs the pipeline; `micro-diffusion demo report ...` is its last step."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["report"]:
+        report(argv[1:])
+    else:
+        run_demo(argv)
+
+
+if __name__ == "__main__":
+    main()
