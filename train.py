@@ -35,6 +35,7 @@ from micro_diffusion.training import launcher_watchdog, safe_checkpoint
 from micro_diffusion.training.config import RunConfig, call_with, load_run_config, pick, trainer_arguments
 from micro_diffusion.training.optim import SCHEDULERS, build_adamw
 from micro_diffusion.training.registry import CALLBACKS, LOGGERS, configured_entries
+from micro_diffusion.training.resume import prepare_resume
 from micro_diffusion.training.task_components import TaskComponents
 from micro_diffusion.training.tasks import TASK_CHECKS, TASKS
 
@@ -203,6 +204,15 @@ def describe(run: RunConfig, trainer: Trainer) -> str:
     ])
 
 
+def resume_from_a_complete_checkpoint(run: RunConfig) -> None:
+    """Point the save folder's latest link at its newest complete checkpoint, setting aside any checkpoint cut
+    short (`training.resume.prepare_resume`), on rank 0 before Composer's autoresume reads the link."""
+    if dist.get_global_rank() == 0:
+        for note in prepare_resume(run.trainer.save_folder, run.exp_name):
+            print(f"[train] autoresume: {note}", flush=True)
+    dist.barrier()
+
+
 def train(run: RunConfig) -> Trainer:
     """Build everything for a validated run and fit. Returns the trainer (closed)."""
     launcher_watchdog.exit_with_launcher()  # a worker must not outlive a killed launcher
@@ -212,12 +222,21 @@ def train(run: RunConfig) -> Trainer:
     # One process group for the whole run, before the data: Streaming would otherwise set up and tear down
     # its own for every dataset it builds.
     dist.initialize_dist(get_device(run.trainer.device))
+    if run.trainer.autoresume:
+        resume_from_a_complete_checkpoint(run)
     reproducibility.seed_all(run.seed)
     components = TASKS[run.task](run)
     trainer = build_trainer(run, components)
     keep_rng_of_resume(trainer)
     if dist.get_global_rank() == 0:
         print(describe(run, trainer), flush=True)
+    duration = trainer.state.max_duration
+    if duration is not None and trainer.state.timestamp.get(duration.unit) >= duration:
+        # A rerun of a finished run resumes at its end: nothing to train (Composer's fit would raise).
+        if dist.get_global_rank() == 0:
+            print(f"[train] {run.exp_name} already trained for {duration}: nothing to do", flush=True)
+        trainer.close()
+        return trainer
     trainer.fit()
     trainer.close()
     return trainer

@@ -1,9 +1,10 @@
 """Peak memory and speed of streaming `micro-diffusion eval` against the number of samples N, on CPU.
 
-A tiny class-conditional EDM2 U-Net in pixel space (64 px, random weights, 2 Euler steps) is scored by FD (and
-KID, which keeps a sample of at most 10,000 features) with EfficientNet-Lite0 against 64 random reference images,
-in 1 process or `composer -n P`. Prints one JSON line per run: N, processes, metrics, peak RSS of the largest
-process (MiB), wall seconds and samples/s.
+A tiny class-conditional EDM2 U-Net in pixel space (64 px, random weights, 1 Euler step, guidance 1 so no
+unconditional half of the batch) is scored by FD (and KID, which keeps a sample of at most 10,000 features) with
+EfficientNet-Lite0 at its 224 px input against 64 random reference images, in 1 process or `composer -n P`.
+Prints one JSON line per run: N, processes, metrics, peak RSS of the largest process (MiB), wall seconds and
+samples/s.
 
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/eval_memory.py --num-samples 1000 10000 --processes 1 2
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -37,6 +37,13 @@ TINY_UNET = {
 }
 
 
+# Runs the command given as arguments and prints the peak RSS (KiB) of the largest process it started.
+PEAK_RSS_OF_CHILDREN = (
+    "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -55,13 +62,15 @@ def prepare(folder: Path) -> list[str]:
     for index in range(64):
         pixels = generator.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(reference / f"{index:03d}.png")
-    return ["--weights", str(weights), "--model-config", str(folder / "model.yaml"), "--steps", "2",
-            "--sampler", "euler", "--reference-source", "folder", "--reference-option", f"root={reference}",
+    return ["--weights", str(weights), "--model-config", str(folder / "model.yaml"), "--steps", "1",
+            "--sampler", "euler", "--guidance", "1", "--reference-source", "folder",
+            "--reference-option", f"root={reference}",
             "--reference-count", "64", "--cache-dir", str(folder / "cache"), "--batch-size", "64"]
 
 
 def run(options: list[str], num_samples: int, processes: int, metrics: list[str], folder: Path) -> dict:
-    """One eval in a fresh process tree; peak RSS is that of the largest process (getrusage of the children)."""
+    """One eval in a fresh process tree; peak RSS is that of its largest process, read by a wrapper process (the
+    getrusage of its children, which covers the launcher's workers), so each run's figure is its own."""
     out = folder / f"out-{num_samples}-{processes}-{'-'.join(metrics)}"
     arguments = [*options, "--num-samples", str(num_samples), "--metrics", *metrics, "--out", str(out)]
     if processes == 1:
@@ -70,9 +79,10 @@ def run(options: list[str], num_samples: int, processes: int, metrics: list[str]
         command = [sys.executable, "-m", "composer.cli.launcher", "-n", str(processes), "--master_port",
                    str(free_port()), "-m", "micro_diffusion.cli", "eval", *arguments]
     start = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    wrapped = subprocess.run([sys.executable, "-c", PEAK_RSS_OF_CHILDREN, *command], check=True, capture_output=True,
+                             text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
     seconds = time.perf_counter() - start
-    peak_mib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    peak_mib = int(wrapped.stdout.split()[-1]) / 1024
     return {"num_samples": num_samples, "processes": processes, "metrics": metrics, "peak_rss_mib": round(peak_mib),
             "wall_s": round(seconds, 1), "samples_per_s": round(num_samples / seconds, 1)}
 
@@ -87,7 +97,7 @@ def main() -> None:
         folder = Path(tmp)
         options = prepare(folder)
         for processes in args.processes:
-            for num_samples in args.num_samples:  # smallest first: ru_maxrss of the children only grows
+            for num_samples in args.num_samples:
                 print(json.dumps(run(options, num_samples, processes, args.metrics, folder)), flush=True)
 
 

@@ -47,6 +47,17 @@ def take_pending_rng_state(trainer: Any) -> list[dict] | None:
     return rng_state
 
 
+def set_file_logger_run_name(file_logger: Any, run_name: str) -> None:
+    """Give a Composer FileLogger the run name its `filename` property formats, without opening the file.
+
+    Composer 0.32.1 keeps it in the private `FileLogger._run_name`, set by `FileLogger.init` (which also opens
+    the file; `training.loggers.ResumableFileLogger` opens it only after the checkpoint is loaded).
+    """
+    if not hasattr(file_logger, "_run_name"):
+        raise _moved("FileLogger._run_name", "composer", COMPOSER_VERSION, AttributeError("no attribute _run_name"))
+    file_logger._run_name = run_name
+
+
 def gpu_peak_flops(state: Any) -> float | None:
     """Peak FLOP/s of the state's device in its precision, from Composer's table (None when unknown, e.g. on CPU).
 

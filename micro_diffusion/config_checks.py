@@ -50,7 +50,10 @@ def _keyword_parameters(target: Callable, path: str) -> dict[str, inspect.Parame
         return {}
     signature = inspect.signature(target)
     if any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
-        raise TypeError(f"{path}: {_name(target)} takes **kwargs, so its configuration keys cannot be checked")
+        raise ConfigError(
+            f"{path}: {_name(target)} takes **kwargs, so its configuration keys cannot be checked; name a subclass "
+            "with explicit arguments in `_target_`"
+        )
     return {
         name: p for name, p in signature.parameters.items()
         if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and name != "self"

@@ -297,7 +297,8 @@ def run_pipeline(
             marker = pipeline.marker_dir / f"{stage.name}.done.json"
             if not _done(label, marker):
                 command = launch_command(pipeline, stage)
-                print(f"[pipeline] {label}: micro-diffusion {' '.join(command[3:])}", flush=True)  # after python -m <cli>
+                arguments = command[3:]  # after `python -m micro_diffusion.cli`
+                print(f"[pipeline] {label}: micro-diffusion {' '.join(arguments)}", flush=True)
                 _launch(label, command, stage.env, launch, marker, {"command": stage.command})
         else:
             folder = folders[stage.name]

@@ -103,8 +103,8 @@ COMMON = {
     "trainer.fsdp_config": {"sharding_strategy": "SHARD_GRAD_OP"},
     "trainer.compile": True,
     "trainer.save_num_checkpoints_to_keep": 1,
-    "trainer.save_overwrite": True,
-    "trainer.autoresume": False,
+    "trainer.save_overwrite": False,  # the original: true, and no autoresume; a rerun here resumes
+    "trainer.autoresume": True,
     "callbacks.image_grid.guidance_scale": 5.0,
     "callbacks.image_grid.num_inference_steps": 30,
     "callbacks.image_grid.seed": 18,

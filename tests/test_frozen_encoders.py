@@ -5,7 +5,8 @@
 - A state dict of an older version, which holds the encoders, loads too: their saved copies are ignored, with a
   note, and the encoders keep the weights they were built with.
 - Composer's checkpoints (full state, weights-only start, resume) and torch's FSDP full state dict (the calls
-  Composer makes under FSDP, on two CPU ranks) follow the same rule.
+  Composer makes under FSDP, on two CPU ranks) follow the same rule. (There torch fills any key a full state
+  dict lacks with the model's own value, strict or not: its own behaviour, which the frozen encoders rely on.)
 """
 
 from __future__ import annotations
@@ -140,9 +141,6 @@ def _fsdp_worker(rank: int, port: int, vae_dir, text_encoder_name: str) -> None:
         loaded = get_model_state_dict(models[1], options=options)
         for key, value in saved.items():
             torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
-        del saved["dit.x_embedder.proj.weight"]
-        with pytest.raises(RuntimeError, match="Missing key: dit.x_embedder.proj.weight"):
-            set_model_state_dict(models[1], saved, options=StateDictOptions(full_state_dict=True, strict=True))
     finally:
         torch.distributed.destroy_process_group()
 

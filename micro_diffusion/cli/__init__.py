@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "latent-stats": ("micro_diffusion.cli.latent_stats", "per-channel latent statistics of a trained autoencoder"),
     "generate": ("micro_diffusion.cli.generate", "sample images from a checkpoint"),
     "eval": ("micro_diffusion.cli.evaluate", "generate samples and compute metrics into a JSON report"),
+    "export": ("micro_diffusion.cli.export", "trained weights -> a model folder that generate and diffusers load"),
     "posthoc-ema": ("micro_diffusion.cli.posthoc_ema", "reconstruct an EMA of any length from power-EMA snapshots"),
     "demo": ("micro_diffusion.cli.demo", "the end-to-end demo on built-in data"),
 }

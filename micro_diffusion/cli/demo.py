@@ -79,8 +79,8 @@ def report(argv: list[str] | None) -> None:
         write_report,
     )
     from micro_diffusion.eval.shapes_score import shapes_score
-    from micro_diffusion.models.sampling import build_model, generate_samples, model_arguments
     from micro_diffusion.models.checkpoints import export_ema_weights
+    from micro_diffusion.models.sampling import build_model, generate_samples, model_arguments
 
     args = report_parser().parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

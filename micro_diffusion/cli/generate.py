@@ -22,10 +22,15 @@ the composed, resolved config:
 
     python train.py --config-path configs --config-name edm2_fashion_mnist --cfg job --resolve > edm2_run.yaml
 
---weights: a network state dict (`save_dit_weights`, `micro-diffusion posthoc-ema`, the PowerEMA snapshots), a
-LatentDiffusion state dict or a Composer checkpoint. A class-conditional MicroDiT also needs its learned label
-embedding (`label_embedder.weight`, in a training checkpoint or an exported EMA); the EDM2 U-Net embeds labels
-itself, so its network weights suffice.
+--weights: a model folder written by `micro-diffusion export` (it describes its model: no --model-config; model
+flags override it, e.g. --vae for a local copy of its VAE), a network state dict (`save_dit_weights`,
+`micro-diffusion posthoc-ema`, the PowerEMA snapshots), a LatentDiffusion state dict or a Composer checkpoint, of
+which the EMA weights are used when it holds them (else its raw weights, saying why). The command says which
+weights it samples with. A class-conditional MicroDiT also needs its learned label embedding
+(`label_embedder.weight`, in a training checkpoint or an exported EMA); the EDM2 U-Net embeds labels itself, so
+its network weights suffice.
+
+    micro-diffusion generate --weights exported/ --prompt "a watercolor fox" --images-per-prompt 4
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ from micro_diffusion.eval.sample_folder import (
     sample_batches,
     write_manifest,
 )
+from micro_diffusion.models.checkpoints import is_model_folder
 from micro_diffusion.models.model import SAMPLERS, LatentDiffusion
 from micro_diffusion.models.sampling import (
     CONDITIONINGS,
@@ -70,7 +76,14 @@ DEFAULT_GUIDANCE = 5.0
 def add_model_arguments(parser: argparse.ArgumentParser, weights_required: bool = True) -> None:
     """Options that rebuild a LatentDiffusion around trained weights (shared with `micro-diffusion eval`)."""
     parser.add_argument("--weights", required=weights_required, type=Path,
-                        help="network weights: .safetensors or a tensor-only .pt (see above)")
+                        help="network weights: .safetensors, a tensor-only .pt, a Composer checkpoint (its EMA when "
+                        "it holds one) or a model folder of `micro-diffusion export` (see above)")
+    add_model_flags(parser)
+    parser.add_argument("--device", help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--model-config and the model flags, which `resolve_model_arguments` folds into `args.model`."""
     parser.add_argument("--model-config", type=Path,
                         help="YAML file of create_latent_diffusion arguments (top level or under model:)")
     group = parser.add_argument_group(
@@ -83,7 +96,6 @@ def add_model_arguments(parser: argparse.ArgumentParser, weights_required: bool 
     group.add_argument("--vae", dest="vae_name", help=_default("vae_name"))
     group.add_argument("--text-encoder", dest="text_encoder_name", help=_default("text_encoder_name"))
     group.add_argument("--dtype", choices=sorted(DTYPES), help=_default("dtype"))
-    parser.add_argument("--device", help="default: cuda:LOCAL_RANK when CUDA is available, else cpu")
 
 
 def _default(name: str) -> str:
@@ -106,16 +118,28 @@ def check_image_seeds(parser: argparse.ArgumentParser, seeds: Iterable[int]) -> 
         parser.error(str(error))
 
 
-def resolve_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Fold the model flags and --model-config into `args.model` (every `create_latent_diffusion` argument), set
-    `args.conditioning` (a key of CONDITIONINGS) and the guidance default; errors go through `parser.error`."""
+def resolve_model_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fold the model flags and --model-config (or the arguments of the model folder --weights names) into
+    `args.model`, every `create_latent_diffusion` argument; errors go through `parser.error`."""
     flags = {name: value for name in RELEASED_MODEL if (value := getattr(args, name)) is not None}
     for name in RELEASED_MODEL:
         delattr(args, name)
+    described_by, option = args.model_config, "--model-config"
+    weights = getattr(args, "weights", None)
+    if weights is not None and is_model_folder(weights):
+        if args.model_config is not None:
+            parser.error(f"--weights {weights} is a model folder, which describes its model: give no --model-config")
+        described_by, option = weights, "--weights"
     try:
-        args.model = model_arguments(args.model_config, flags)
+        args.model = model_arguments(described_by, flags)
     except (OSError, ValueError) as error:
-        parser.error(f"--model-config {args.model_config}: {error}")
+        parser.error(f"{option} {described_by}: {error}")
+
+
+def resolve_model(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`resolve_model_arguments`, then set `args.conditioning` (a key of CONDITIONINGS) and the guidance default;
+    errors go through `parser.error`."""
+    resolve_model_arguments(parser, args)
     args.conditioning = model_conditioning(args.model)
     if args.guidance is None:
         args.guidance = 1.0 if args.conditioning == "unconditional" else DEFAULT_GUIDANCE

@@ -64,7 +64,7 @@ _MAX_WINDOW = 32  # windows larger than this (pixels) are block-averaged down to
 # this far below the box centre (in box sides). Sub-pixel rows per pixel row (columns are covered exactly).
 _FILLS = np.array([np.pi / 4, 1.0, 0.5])
 _CENTROID_OFFSETS = np.array([0.0, 0.0, 1 / 6])
-_SUBROWS = 8
+_SUBROWS = 4
 _BLUR_SIGMAS = (0.0, 0.5, 0.8, 1.1, 1.4, 1.7)  # Gaussian blurs (pixels) tried on each template
 _SIZE_FACTORS = np.array([0.88, 0.94, 1.0, 1.06, 1.12])  # around the size implied by area; absorbs colour drift
 _RELATION_AXES = {"above": (1, -1.0), "below": (1, 1.0), "left of": (0, -1.0), "right of": (0, 1.0)}
@@ -252,7 +252,8 @@ def _fit_shape(alpha: np.ndarray, weight: np.ndarray) -> tuple[str, tuple[float,
     blurred = _blur_matrices(height)[:, None] @ templates @ _blur_matrices(width).transpose(0, 2, 1)[:, None]
     blurred *= weight
     norms = np.sqrt((blurred**2).sum((-2, -1)))
-    similarity = ((blurred * seen).sum((-2, -1)) / np.maximum(norms, 1e-12)).reshape(len(_BLUR_SIGMAS), len(SHAPES), -1)
+    similarity = (blurred * seen).sum((-2, -1)) / np.maximum(norms, 1e-12)  # (sigmas, shapes * F)
+    similarity = similarity.reshape(len(_BLUR_SIGMAS), len(SHAPES), -1)
     shape = int(similarity.max((0, 2)).argmax())
     size = sizes[shape, similarity[:, shape].max(0).argmax()] * factor
     return SHAPES[shape], (centre_x, centre_y - _CENTROID_OFFSETS[shape] * size), area

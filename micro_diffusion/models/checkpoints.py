@@ -144,8 +144,10 @@ def checkpoint_ema_state(checkpoint: Mapping[str, Any], source: str) -> dict[str
     averages = ema.get("weights")
     if averages is None:
         raise KeyError(f"{source} holds no EMA weights: it was not saved by a run with the EMA callback")
-    batch, start = state.get("timestamp", {}).get("batch", 0), ema.get("start_batch", 0)
-    if int(batch) < int(start):
+    timestamp = state.get("timestamp", {})
+    batch = timestamp.get("Timestamp", timestamp).get("batch")  # Composer keys the timestamp by its class name
+    start = ema.get("start_batch", 0)
+    if batch is not None and int(batch) < int(start):
         raise KeyError(f"{source} was saved at batch {int(batch)}, before its EMA started (batch {int(start)})")
     modules = {name.split(".", 1)[0] for name in averages}
     weights = {key: value for key, value in state["model"].items() if key.split(".", 1)[0] in modules}
@@ -343,7 +345,15 @@ def save_model_folder(folder: str | Path, contents: ModelFolder) -> Path:
 def read_model_folder(folder: str | Path) -> ModelFolder:
     """Read a folder written by `save_model_folder`; a missing file or another format raises naming it."""
     folder = Path(folder)
-    config_path = folder / MODEL_FOLDER_CONFIG
+    description = read_model_description(folder)
+    state = read_state_dict(folder / description["weights_file"])
+    return ModelFolder(description["arguments"], description["latent_statistics"], description["weights"], state)
+
+
+def read_model_description(folder: str | Path) -> dict[str, Any]:
+    """A model folder's MODEL_FOLDER_CONFIG (its arguments, latent statistics and weights entry), without reading
+    the weights."""
+    config_path = Path(folder) / MODEL_FOLDER_CONFIG
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} is not a model folder: it has no {MODEL_FOLDER_CONFIG} "
                                 "(write one with `micro-diffusion export`)")
@@ -351,8 +361,7 @@ def read_model_folder(folder: str | Path) -> ModelFolder:
     if not isinstance(description, dict) or description.get("format") != MODEL_FOLDER_FORMAT:
         found = description.get("format") if isinstance(description, dict) else None
         raise ValueError(f"{config_path} is not a {MODEL_FOLDER_FORMAT} description (format {found!r})")
-    state = read_state_dict(folder / description["weights_file"])
-    return ModelFolder(description["arguments"], description["latent_statistics"], description["weights"], state)
+    return description
 
 
 def save_dit_weights(dit: nn.Module, path: str | Path) -> Path:

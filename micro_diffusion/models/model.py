@@ -22,6 +22,7 @@ import inspect
 import random
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any
 
 import torch
@@ -49,7 +50,12 @@ from micro_diffusion.diffusion.samplers import (
 from micro_diffusion.dtypes import DTYPES, torch_dtype
 from micro_diffusion.encoders.text import TextEncoder, load_text_encoder, prompt_warnings, text_encoder_format
 from micro_diffusion.encoders.vae import ImageAutoencoder, load_vae
-from micro_diffusion.models.checkpoints import leave_out_of_state_dict
+from micro_diffusion.models.checkpoints import (
+    accept_network_state_dict,
+    leave_out_of_state_dict,
+    load_network_state,
+    read_model_folder,
+)
 from micro_diffusion.models.dit import DiT, create_dit
 from micro_diffusion.models.edm2_unet import EDM2UNet, create_edm2_unet
 
@@ -108,7 +114,8 @@ class LatentDiffusion(ComposerModel):
         text_encoder: frozen captions -> token states; None for class-conditional models or when training only
             on precomputed caption latents.
             Neither frozen encoder is in `state_dict()`, so neither is in a checkpoint; `load_state_dict` keeps the
-            ones the model was built with (`models.checkpoints.leave_out_of_state_dict`).
+            ones the model was built with (`models.checkpoints.leave_out_of_state_dict`). It also takes a plain
+            network state dict, as the released checkpoints are (`models.checkpoints.accept_network_state_dict`).
         edm: sigma_data, training noise distribution and sampling schedule.
         train_mask_ratio: fraction of patches dropped after the patch-mixer in training (0 in evaluation).
         latent_res: latent side used by `generate`.
@@ -194,6 +201,36 @@ class LatentDiffusion(ComposerModel):
                 frozen._fsdp_wrap = False  # Composer FSDP: shard only the DiT
         self.dit._fsdp_wrap = True
         leave_out_of_state_dict(self, FROZEN_ENCODERS)
+        accept_network_state_dict(self)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, **overrides: Any) -> LatentDiffusion:
+        """The model of a model folder (`micro-diffusion export`, `MicroDiTPipeline.save_pretrained`), in eval mode.
+
+        `overrides` replace `create_latent_diffusion` arguments of the folder, e.g. `vae_name` for a local copy of
+        its VAE. The VAE must normalise latents with the statistics the network was trained on (those recorded
+        in the folder): other ones raise a ValueError naming both.
+        """
+        exported = read_model_folder(folder)
+        arguments = exported.arguments | overrides
+        model = create_latent_diffusion(**arguments)
+        load_network_state(model, exported.state, str(folder))
+        recorded = {name: torch.tensor(values) for name, values in exported.latent_statistics.items()}
+        own = {name: torch.tensor(values) for name, values in model.latent_statistics().items()}
+        if recorded.keys() != own.keys() or not all(
+            torch.allclose(own[name], recorded[name], rtol=1e-5, atol=0.0) for name in own
+        ):
+            raise ValueError(
+                f"the VAE {arguments['vae_name']!r} normalises latents with {model.latent_statistics()}, but the "
+                f"network of {folder} was trained on latents normalised with {exported.latent_statistics}: pass the "
+                "VAE it was trained with"
+            )
+        return model.eval()
+
+    def latent_statistics(self) -> dict[str, list[float]]:
+        """The VAE's latent normalisation (z - shift) * scale: {"scale": [...], "shift": [...]}, one value or one
+        per channel each."""
+        return {"scale": self.vae.latent_scale.flatten().tolist(), "shift": self.vae.latent_shift.flatten().tolist()}
 
     # ----------------------------------------------------------------------------------------------------------
     # Inputs

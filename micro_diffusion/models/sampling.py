@@ -12,6 +12,7 @@ What `micro-diffusion generate` and `eval`, the in-training sample-quality callb
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from micro_diffusion.config_checks import check_arguments
-from micro_diffusion.models.checkpoints import load_network_state, read_state_dict
+from micro_diffusion.models.checkpoints import (
+    WEIGHT_KINDS,
+    is_model_folder,
+    load_network_state,
+    read_model_description,
+    read_state_dict,
+    read_trained_weights,
+)
 from micro_diffusion.models.model import LatentDiffusion, create_latent_diffusion, released_model_arguments
 
 # The released model (MicroDiT_XL_2 on SDXL latents, DFN5B CLIP), by `create_latent_diffusion` argument names.
@@ -30,6 +38,7 @@ RELEASED_MODEL: dict[str, Any] = released_model_arguments()
 CONDITIONINGS = {"text": "text-to-image", "class": "class-conditional", "unconditional": "unconditional"}
 RESOLVED_CONFIG_COMMAND = "python train.py --config-path configs --config-name <name> --cfg job --resolve"
 Condition = str | int | None  # a prompt, a class label, or None (unconditional model)
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -39,9 +48,15 @@ Condition = str | int | None  # a prompt, a class label, or None (unconditional 
 
 def model_arguments(model_config: Path | None = None, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Every `create_latent_diffusion` argument: its defaults, updated by the model config file (the released
-    model when None; see `read_model_config`), updated by `overrides`."""
+    model when None; see `read_model_config`) or a model folder's arguments (`micro-diffusion export`), updated
+    by `overrides`."""
     defaults = {name: p.default for name, p in inspect.signature(create_latent_diffusion).parameters.items()}
-    chosen = RELEASED_MODEL if model_config is None else read_model_config(model_config)
+    if model_config is None:
+        chosen = RELEASED_MODEL
+    elif is_model_folder(model_config):
+        chosen = read_model_description(model_config)["arguments"]
+    else:
+        chosen = read_model_config(model_config)
     return defaults | chosen | dict(overrides or {})
 
 
@@ -94,10 +109,21 @@ def model_conditioning(arguments: Mapping[str, Any]) -> str:
 
 def build_model(arguments: Mapping[str, Any], weights: Path, device: str | torch.device) -> LatentDiffusion:
     """The LatentDiffusion of these `create_latent_diffusion` arguments with the weights in `weights`, on `device`
-    in eval mode. The weights are read first: a missing or unreadable file fails before the encoders load."""
-    state = read_state_dict(weights)
+    in eval mode. The weights are read first: a missing or unreadable file fails before the encoders load.
+
+    `weights` is a weights file, a Composer checkpoint (its EMA when it holds one, else its raw weights) or a model
+    folder (`LatentDiffusion.from_pretrained`, with `arguments` as overrides); which weights were used is logged.
+    """
+    if is_model_folder(weights):
+        model = LatentDiffusion.from_pretrained(weights, **arguments)
+        description = read_model_description(weights)["weights"]
+        log.info("sampling with the %s weights of the model folder %s (from %s)",
+                 WEIGHT_KINDS[description["kind"]], weights, description["source"])
+        return model.to(device).eval()
+    trained = read_trained_weights(weights)
     model = create_latent_diffusion(**arguments)
-    load_network_state(model, state, str(weights))
+    load_network_state(model, trained.state, str(weights))
+    log.info("sampling with %s", trained.description)
     return model.to(device).eval()
 
 

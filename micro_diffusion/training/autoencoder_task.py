@@ -48,7 +48,6 @@ allow, so a delayed start is refused with more than one process.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -75,7 +74,7 @@ from micro_diffusion.models.autoencoder import (
     autoencode,
     build_autoencoder,
 )
-from micro_diffusion.training.callbacks import EMA, unwrap_composer_model
+from micro_diffusion.training.callbacks import ema_weights_applied, unwrap_composer_model
 from micro_diffusion.training.config import DURATION, ConfigError, RunConfig, validate_section
 from micro_diffusion.training.task_components import TaskComponents
 
@@ -160,12 +159,6 @@ class AutoencoderComposerModel(ComposerModel):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _evaluated_weights(state: State) -> AbstractContextManager:
-    """The weights evaluation uses: the EMA average while an `EMA` callback is active, else the raw weights."""
-    ema = next((callback for callback in state.callbacks if isinstance(callback, EMA)), None)
-    return ema.applied(state) if ema is not None else nullcontext()
-
-
 class SyncTrainingStep(Callback):
     """Sets `AutoencoderComposerModel.training_step` to the number of finished batches before each batch, so
     the loss knows when the discriminator starts (also after a resume, which restores the timestamp)."""
@@ -203,7 +196,7 @@ class ReconstructionGrid(Callback):
 
     def _log(self, state: State, logger: Logger) -> None:
         model = unwrap_composer_model(state.model)
-        with _evaluated_weights(state), model_eval_mode(model):
+        with ema_weights_applied(state), model_eval_mode(model):
             reconstructions = model.reconstruct(self.images.to(next(model.parameters()).device))
         grid = make_grid(torch.cat([self.images, reconstructions.float().cpu()]).add(1).div(2), nrow=len(self.images))
         batch = int(state.timestamp.batch)
@@ -222,7 +215,7 @@ class ExportAutoencoder(Callback):
         self.folder = Path(folder)
 
     def fit_end(self, state: State, logger: Logger) -> None:
-        with _evaluated_weights(state):
+        with ema_weights_applied(state):
             if dist.get_global_rank() == 0:
                 unwrap_composer_model(state.model).autoencoder.save_pretrained(self.folder)
                 (self.folder / LATENT_STATS_FILE).unlink(missing_ok=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -31,7 +31,7 @@ from micro_diffusion.compat import gpu_peak_flops
 from micro_diffusion.data import schema
 from micro_diffusion.models.dit import num_kept_tokens
 
-__all__ = ["EMA", "ImageGridLogger", "NaNGuard", "ThroughputMonitor"]
+__all__ = ["EMA", "ImageGridLogger", "NaNGuard", "ThroughputMonitor", "ema_weights_applied"]
 
 # Segments that FSDP, activation checkpointing and torch.compile insert into parameter names. Without them the
 # names are those of the plain model, which are also the keys of Composer's model state dict.
@@ -218,6 +218,15 @@ class EMA(Callback):
             )
 
 
+def ema_weights_applied(state: State) -> AbstractContextManager:
+    """Run the enclosed code with the weights evaluation uses: the average of the run's `EMA` callback while it is
+    active, else the raw weights. It does not depend on where the callback sits in the list: Composer runs the
+    callbacks of an event in list order, so at `Event.EVAL_END` an `EMA` listed first has already swapped the raw
+    weights back. A collective under FSDP: enter it on every rank."""
+    ema = next((callback for callback in state.callbacks if isinstance(callback, EMA)), None)
+    return ema.applied(state) if ema is not None else nullcontext()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Image grid
 # ----------------------------------------------------------------------------------------------------------------
@@ -287,10 +296,9 @@ class ImageGridLogger(Callback):
     def log_grid(self, state: State, logger: Logger) -> Tensor:
         """Generate, save and log the grid now; returns it as (3, H, W) floats in [0, 1]."""
         model = unwrap_composer_model(state.model)
-        ema = next((callback for callback in state.callbacks if isinstance(callback, EMA)), None)
         device = next(model.parameters()).device
         with (
-            ema.applied(state) if ema is not None else nullcontext(),
+            ema_weights_applied(state),
             model_eval_mode(model),
             torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
         ):

@@ -277,6 +277,12 @@ def consistency_errors(run: RunConfig) -> list[str]:
             f"algorithms.low_precision_layernorm needs trainer.precision amp_bf16 or amp_fp16, "
             f"not {trainer.precision} (it would have no effect)"
         )
+    if trainer.fsdp_config is not None and run.callbacks.get("power_ema") is not None:
+        errors.append(
+            "callbacks.power_ema does not run under FSDP (trainer.fsdp_config is set): it averages the parameters "
+            "each rank holds, and FSDP leaves each rank a shard of them; train with DDP (trainer.fsdp_config: null) "
+            "or without power_ema"
+        )
     if trainer.fsdp_config is not None and not isinstance(trainer.fsdp_config, dict):
         errors.append(f"trainer.fsdp_config: a mapping of Composer FSDP options or null, not {trainer.fsdp_config!r}")
     elif trainer.fsdp_config is not None:

@@ -15,6 +15,8 @@ from pathlib import Path
 from composer.core import State
 from composer.loggers import FileLogger, Logger
 
+from micro_diffusion.compat import set_file_logger_run_name
+
 __all__ = ["ResumableFileLogger"]
 
 _STEP = re.compile(r"\[metric\]\[batch=(\d+)\]")
@@ -45,9 +47,7 @@ class ResumableFileLogger(FileLogger):
         )
 
     def init(self, state: State, logger: Logger) -> None:
-        # Composer 0.32.1's `filename` property formats the name with the private `_run_name`, which its own
-        # init sets before opening the file; opening waits for after_load here.
-        self._run_name = state.run_name
+        set_file_logger_run_name(self, state.run_name)  # what Composer's init does, less opening the file
 
     def after_load(self, state: State, logger: Logger) -> None:
         path = Path(self.filename)

@@ -6,7 +6,8 @@ other EMA length at any snapshot time is then reconstructed after training with 
 
 The averages live in float32 on every rank (with DDP all ranks hold the same weights, so they stay identical)
 and are part of the callback's state dict, so a run resumed from a Composer checkpoint continues them exactly.
-Only global rank 0 writes snapshots. FSDP-sharded models are not supported.
+Only global rank 0 writes snapshots. FSDP is not supported: the averages are of the parameters each rank holds;
+the config check (`training.config.consistency_errors`) refuses the combination before anything loads.
 """
 
 from __future__ import annotations

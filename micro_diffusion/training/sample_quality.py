@@ -3,18 +3,26 @@
 Validation loss can rise while sample quality still improves (miniLDM saw exactly that), so checkpoints should
 be chosen by what the samples look like. This callback generates a fixed set of samples (fixed prompts and
 seeds, so successive evaluations compare like with like) at the end of every `every_n_evals`-th evaluation, and
-logs `quality/fd_<extractor>` and `quality/shapes_<criterion>`. It scores the weights evaluation uses: the EMA
-weights when the EMA callback swaps them in for evaluation. Only rank 0 generates and scores; the reference
-statistics are cached per (dataset, resolution, extractor) like `micro-diffusion eval`.
+logs `quality/fd_<extractor>` and `quality/shapes_<criterion>`. The reference statistics are cached per (dataset,
+resolution, extractor) like `micro-diffusion eval`.
+
+It scores the weights evaluation uses, the EMA average when an `EMA` callback is active, by swapping it in itself
+(`callbacks.ema_weights_applied`): Composer runs the callbacks of an event in list order, so an EMA listed before
+this callback has already swapped the raw weights back at `Event.EVAL_END`, and the callbacks' order must not
+decide what is scored. Every rank generates a slice of the samples (under FSDP each forward needs all ranks); the
+8-bit images are gathered and rank 0 scores them and logs.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import torch
 from composer.core import Callback, State
 from composer.loggers import Logger
-from composer.utils import dist
+from composer.utils import dist, model_eval_mode
+from torch import Tensor, nn
 
 from micro_diffusion.data.sources.shapes import sample_prompts
 from micro_diffusion.eval.features import FeatureExtractor, get_feature_extractor
@@ -22,7 +30,7 @@ from micro_diffusion.eval.frechet import compute_image_metrics
 from micro_diffusion.eval.reference import reference_statistics
 from micro_diffusion.eval.shapes_score import shapes_score
 from micro_diffusion.models.sampling import generate_samples
-from micro_diffusion.training.callbacks import unwrap_composer_model
+from micro_diffusion.training.callbacks import ema_weights_applied, unwrap_composer_model
 
 
 class SampleQuality(Callback):
@@ -78,15 +86,13 @@ class SampleQuality(Callback):
 
     def eval_end(self, state: State, logger: Logger) -> None:
         self._evals += 1
-        if self._evals % self.every_n_evals or dist.get_global_rank() != 0:
+        if self._evals % self.every_n_evals:
             return
         model = unwrap_composer_model(state.model)
-        was_training = model.training
-        model.eval()
-        try:
-            images = generate_samples(model, self.prompts, self.seed, self.batch_size, **self.sampling)
-        finally:
-            model.train(was_training)
+        with ema_weights_applied(state), model_eval_mode(model):
+            images = self._generate_on_every_rank(model)
+        if dist.get_global_rank() != 0:
+            return
         metrics = {}
         if self.reference_source is not None:
             metrics.update(self._frechet(images, device=next(model.parameters()).device))
@@ -95,6 +101,19 @@ class SampleQuality(Callback):
             score.pop("num_images")
             metrics.update({f"quality/shapes_{name.replace('/', '_')}": value for name, value in score.items()})
         logger.log_metrics(metrics)
+
+    def _generate_on_every_rank(self, model: nn.Module) -> Tensor:
+        """All N samples (N, 3, H, W) in [0, 1], 8-bit levels, each rank generating a contiguous slice of
+        ceil(N / W) of them (the last ranks pad theirs by repeating the last prompt), gathered on every rank.
+        Equal slices keep the ranks' forwards in step, which FSDP's gathers of each unit need."""
+        count, world_size = len(self.prompts), dist.get_world_size()
+        per_rank = math.ceil(count / world_size)
+        start = dist.get_global_rank() * per_rank
+        prompts = [self.prompts[min(index, count - 1)] for index in range(start, start + per_rank)]
+        images = generate_samples(model, prompts, self.seed + start, self.batch_size, **self.sampling)
+        levels = (images * 255).round().to(torch.uint8)
+        gathered = dist.all_gather_object(levels) if world_size > 1 else [levels]
+        return torch.cat(gathered)[:count].float() / 255
 
     def _frechet(self, images, device) -> dict[str, float]:
         if self._extractor is None:
