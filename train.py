@@ -14,6 +14,9 @@ whether or not the training forward is compiled.
 
 from __future__ import annotations
 
+# First, before the slow imports: a worker notes its launcher's pid (launcher_watchdog) while the launcher lives.
+from micro_diffusion.training import launcher_watchdog  # isort: skip
+
 import re
 import warnings
 from dataclasses import asdict
@@ -31,7 +34,7 @@ from torch import nn
 from micro_diffusion.compat import low_precision_layernorm_class, take_pending_rng_state
 from micro_diffusion.config_checks import ConfigError, check_arguments
 from micro_diffusion.models.regional_compile import compile_regions
-from micro_diffusion.training import launcher_watchdog, safe_checkpoint
+from micro_diffusion.training import safe_checkpoint
 from micro_diffusion.training.config import RunConfig, call_with, load_run_config, pick, trainer_arguments
 from micro_diffusion.training.optim import SCHEDULERS, build_adamw
 from micro_diffusion.training.registry import CALLBACKS, LOGGERS, configured_entries

@@ -54,6 +54,8 @@ import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
+from micro_diffusion.training.launcher_watchdog import stop_with_parent
+
 DONE_MARKER = "pipeline_stage_done.json"
 STAGE_CONFIG = "config.yaml"
 FINAL_CHECKPOINT = "latest-rank0.pt"
@@ -280,8 +282,9 @@ def _runner_overrides(load_path: Path | None) -> list[str]:
 
 
 def run_subprocess(command: list[str], env: Mapping[str, str]) -> subprocess.CompletedProcess:
-    """The default launcher: `command` with the current environment updated by `env`."""
-    return subprocess.run(command, env={**os.environ, **env})
+    """The default launcher: `command` with the current environment updated by `env`. The child stops when this
+    runner dies (a killed runner must not leave a stage training into the folder its rerun resumes)."""
+    return subprocess.run(command, env={**os.environ, **env}, preexec_fn=stop_with_parent)
 
 
 def run_pipeline(

@@ -155,3 +155,28 @@ def tiny_t5_dir(tmp_path_factory: pytest.TempPathFactory) -> TinyTextEncoder:
     _seeded(lambda: T5EncoderModel(config)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return TinyTextEncoder(f"t5:{folder}", folder, 120, 32)
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """torch-fidelity's Inception-v3 with random weights (He-initialised, so activations stay normal floats),
+    saved with torch.save under the real file's name, as the real weights file is. 91 MiB."""
+    from unittest import mock
+
+    from torch import nn
+    from torch_fidelity import feature_extractor_inceptionv3 as fidelity_inception
+
+    network_class = fidelity_inception.FeatureExtractorInceptionV3
+    with (
+        mock.patch.object(fidelity_inception, "load_state_dict_from_url", return_value={}),
+        mock.patch.object(network_class, "load_state_dict"),
+        torch.random.fork_rng(devices=[]),
+    ):
+        torch.manual_seed(0)
+        network = network_class("inception-v3-compat", ["2048"])
+        for module in network.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(network.state_dict(), path)
+    return path

@@ -11,7 +11,6 @@ import json
 import math
 import shutil
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -248,28 +247,6 @@ def test_efficientnet_distance_grows_with_blur(lite0, lite0_reference):
         for sigma in (0.5, 1.5, 4.0)
     ]
     assert 0 < distances[0] < distances[1] < distances[2]
-
-
-@pytest.fixture(scope="module")
-def random_inception_weights(tmp_path_factory) -> Path:
-    """torch-fidelity's Inception-v3 with random weights (He-initialised, so activations stay normal
-    floats), saved with torch.save as the real weights file is. 91 MiB."""
-    from torch_fidelity import feature_extractor_inceptionv3 as fidelity_inception
-
-    network_class = fidelity_inception.FeatureExtractorInceptionV3
-    with (
-        mock.patch.object(fidelity_inception, "load_state_dict_from_url", return_value={}),
-        mock.patch.object(network_class, "load_state_dict"),
-        torch.random.fork_rng(devices=[]),
-    ):
-        torch.manual_seed(0)
-        network = network_class("inception-v3-compat", ["2048"])
-        for module in network.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("inception") / "weights-inception-2015-12-05-6726825d.pth"
-    torch.save(network.state_dict(), path)
-    return path
 
 
 @pytest.mark.slow

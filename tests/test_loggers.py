@@ -8,6 +8,7 @@ import inspect
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ def toy_run(save_folder: Path, *overrides: str) -> RunConfig:
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base=None):
         cfg = compose(config_name="tiny_res_16_pretrain", overrides=[
             "exp_name=toy", f"trainer.save_folder={save_folder}", "trainer.eval_interval=null",
-            "callbacks.image_grid=null", "callbacks.throughput=null", "logger.tensorboard=null",
+            "callbacks.image_grid=null", "callbacks.throughput=null", "logger.tensorboard=null", "logger.file=null",
             "trainer.progress_bar=false", "trainer.save_interval=2ba", "trainer.max_duration=4ba",
             "optimizer.moe_lr_scale=1.0", "data.train_batch_size=4", *overrides,
         ])
@@ -85,6 +86,8 @@ def test_any_composer_callback_by_name_and_any_class_by_target(tmp_path):
     ("+logger.x={_target_:InMemoryLogger}", r"logger\.x\._target_: 'InMemoryLogger' is not a dotted path"),
     ("+logger.wandb={project:p,entity_name:e}", r"logger\.wandb\.entity_name: unknown key; WandBLogger takes"),
     ("+logger.weights_and_biases={}", r"logger\.weights_and_biases: unknown name .* choose one of .*wandb"),
+    ("+callbacks.generate={prompts:[a],interval:2ba}",
+     r"callbacks\.generate: Generate takes \*\*kwargs, so its configuration keys cannot be checked"),
 ])
 def test_entries_are_checked_before_anything_is_built(tmp_path, override, message):
     run = toy_run(tmp_path, override)
@@ -95,10 +98,17 @@ def test_entries_are_checked_before_anything_is_built(tmp_path, override, messag
         train.check_run(run)
 
 
+def test_a_logger_whose_package_is_missing_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(train.LOGGERS.requires, "mlflow", ("no_such_module", "pip install no-such-module"))
+    with pytest.raises(ConfigError, match=r"logger\.mlflow: MLFlowLogger needs the package 'no_such_module', not "
+                                          r"installed: pip install no-such-module"):
+        train.check_run(toy_run(tmp_path, "+logger.mlflow={}"))
+
+
 def test_the_file_logger_keeps_the_history_of_a_resumed_run(tmp_path):
     """Killed after its checkpoint at batch 2 with batch 3 already logged: the rerun keeps batches 0-1, logs 2-5."""
     metrics = tmp_path / "run" / "metrics.txt"
-    file_logger = [f"+logger.file={{filename:{metrics},capture_stdout:false,capture_stderr:false}}",
+    file_logger = [f"logger.file={{filename:{metrics},capture_stdout:false,capture_stderr:false}}",
                    "trainer.autoresume=true", "trainer.save_overwrite=false"]
     train.train(toy_run(tmp_path / "run", *file_logger, "trainer.max_duration=2ba"))
     with metrics.open("a") as log:  # what the killed attempt had logged past its checkpoint
@@ -112,6 +122,34 @@ def test_the_file_logger_keeps_the_history_of_a_resumed_run(tmp_path):
     train.train(toy_run(tmp_path / "run", *file_logger[:1], "trainer.autoresume=false",
                         "trainer.save_overwrite=true", "trainer.max_duration=1ba"))
     assert logged_steps(metrics) == [0], "a run that starts afresh starts a new file"
+
+
+def test_a_file_shared_by_all_ranks_is_written_by_rank_0_alone(tmp_path, monkeypatch):
+    """Two ranks rewriting one metrics file on resume raced; a per-rank filename is still written on every rank."""
+    from micro_diffusion.training import loggers
+
+    monkeypatch.setattr(loggers, "dist", SimpleNamespace(get_global_rank=lambda: 1))
+    shared, per_rank = tmp_path / "metrics.txt", tmp_path / "metrics-rank{rank}.txt"
+    for folder, filename in (("shared", shared), ("per_rank", per_rank)):
+        train.train(toy_run(tmp_path / folder, f"logger.file={{filename:'{filename}',capture_stdout:false}}",
+                            "trainer.max_duration=1ba"))
+    assert not shared.exists()
+    assert logged_steps(tmp_path / "metrics-rank0.txt") == [0], "the process (rank 0 in fact) wrote its own file"
+
+
+@pytest.mark.parametrize("arguments", [{"init_kwargs": {"mode": "offline"}, "log_artifacts": True}, {}])
+def test_wandb_finds_no_checkpoint_where_it_stores_none(tmp_path, monkeypatch, arguments):
+    """Autoresume without a local checkpoint asks each logger for one: W&B answers "not found" (which Composer
+    skips) without asking its server, offline or when it does not upload checkpoints."""
+    pytest.importorskip("wandb")
+    import wandb
+
+    from micro_diffusion.training.loggers import WandBLogger
+
+    monkeypatch.setattr(wandb, "Api", lambda *args, **kwargs: pytest.fail("asked the W&B server"))
+    wandb_logger = WandBLogger(project="microdit", entity="team", **arguments)
+    with pytest.raises(FileNotFoundError, match="does not store checkpoints"):
+        wandb_logger.download_file("latest-rank0.pt", str(tmp_path / "latest-rank0.pt"))
 
 
 def logged_steps(metrics: Path) -> list[int]:

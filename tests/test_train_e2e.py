@@ -25,14 +25,20 @@ import pytest
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
-from streaming import MDSWriter
+from training_runs import (
+    REPO,
+    composer_command,
+    load_state,
+    run_command,
+    subprocess_env,
+    trained_batches,
+    write_latent_shards,
+)
 
-from micro_diffusion.data import schema
 from micro_diffusion.models.layers import sincos_2d
 from micro_diffusion.training.config import load_run_config
 from micro_diffusion.training.tasks import TASKS
 
-REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import train  # noqa: E402  (the training script at the repository root)
 
@@ -40,25 +46,6 @@ STEPS, SAVE_EVERY, EVAL_EVERY = 8, 2, 4
 TOLERANCE = 1e-6
 
 pytestmark = pytest.mark.slow
-
-
-def write_latent_shards(folder: Path, count: int, seed: int, caption_shape: tuple[int, int]) -> None:
-    """Pixel-space "latents" at 16 and 32 px (one bright colour channel per class) and constant caption states."""
-    rng = np.random.default_rng(seed)
-    with MDSWriter(out=str(folder), columns=schema.latent_columns([16, 32]), size_limit=1 << 22) as writer:
-        for index in range(count):
-            label = int(rng.integers(0, 3))
-            image = 0.1 * rng.standard_normal((3, 32, 32))
-            image[label] += 0.8
-            writer.write({
-                schema.KEY: f"sample{index}",
-                schema.CAPTION: f"class {label}",
-                schema.LABEL: label,
-                schema.CAPTION_LATENTS: schema.to_fp16_bytes(np.full((1, *caption_shape), label / 3)),
-                schema.CAPTION_MASK: np.ones(caption_shape[0], np.uint8).tobytes(),
-                schema.latents_column(32): schema.to_fp16_bytes(image),
-                schema.latents_column(16): schema.to_fp16_bytes(image.reshape(3, 16, 2, 16, 2).mean((2, 4))),
-            })
 
 
 @pytest.fixture(scope="module")
@@ -79,36 +66,10 @@ def tiny_overrides(datadir: Path, text_encoder: str, runs: Path) -> list[str]:
     ]
 
 
-def subprocess_env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-def composer_command(nproc: int, config: str, overrides: list[str], launcher: tuple[str, ...] = ()) -> list[str]:
-    """`composer -n nproc [launcher options] train.py --config-name config overrides`."""
-    return [
-        sys.executable, "-m", "composer.cli", "-n", str(nproc), *launcher, str(REPO / "train.py"),
-        "--config-path", str(REPO / "configs"), "--config-name", config, *overrides,
-    ]
-
-
-def run_command(command: list[str], cwd: Path) -> str:
-    result = subprocess.run(command, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
-    return result.stdout
-
-
 def metric_values(metrics_file: Path, name: str) -> dict[int, float]:
     """{batch: value} of a metric in Composer's FileLogger output."""
     pattern = re.compile(rf"\[metric\]\[batch=(\d+)\]: {re.escape(name)}: (\S+)")
     return {int(m.group(1)): float(m.group(2)) for m in pattern.finditer(metrics_file.read_text())}
-
-
-def load_state(checkpoint: Path) -> dict:
-    return torch.load(checkpoint, map_location="cpu", weights_only=False)["state"]
-
-
-def trained_batches(state: dict) -> int:
-    return int(state["timestamp"]["Timestamp"]["batch"])
 
 
 def training_command(

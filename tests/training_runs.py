@@ -2,6 +2,7 @@
 checkpoints. Imported by tests/test_train_e2e.py and tests/test_rehearsal.py."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -57,11 +58,18 @@ def composer_command(nproc: int, config: str, overrides: list[str], launcher: tu
     ]
 
 
-def run_command(command: list[str], cwd: Path) -> str:
-    """Run `command` to the end; its stdout, or an assertion error with the end of its output."""
-    result = subprocess.run(command, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-8000:]}"
-    return result.stdout
+def run_command(command: list[str], cwd: Path, timeout: float = 900) -> str:
+    """Run `command` to the end; its stdout, or an assertion error with the end of its output. It runs in a session
+    of its own, ended whole (launcher, workers, their dataloader workers) if the test stops first."""
+    with subprocess.Popen(command, cwd=cwd, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except BaseException:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
+    assert process.returncode == 0, f"{' '.join(command)} failed:\n{stdout[-4000:]}\n{stderr[-8000:]}"
+    return stdout
 
 
 def load_state(checkpoint: Path) -> dict:

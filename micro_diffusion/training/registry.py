@@ -19,10 +19,11 @@ The arguments are checked against the class signature (`check_arguments`) before
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import composer.callbacks
@@ -36,13 +37,12 @@ from composer.loggers import (
     RemoteUploaderDownloader,
     SlackLogger,
     TensorboardLogger,
-    WandBLogger,
 )
 
 from micro_diffusion.config_checks import ConfigError
 from micro_diffusion.training.callbacks import EMA, ImageGridLogger, NaNGuard, ThroughputMonitor
 from micro_diffusion.training.config import pick
-from micro_diffusion.training.loggers import ResumableFileLogger
+from micro_diffusion.training.loggers import ResumableFileLogger, WandBLogger
 from micro_diffusion.training.power_ema_callback import PowerEMA
 from micro_diffusion.training.sample_quality import SampleQuality
 
@@ -53,10 +53,12 @@ TARGET_KEY = "_target_"
 
 @dataclass(frozen=True)
 class Registry:
-    """Named classes of one kind (`base`) a config section can use."""
+    """Named classes of one kind (`base`) a config section can use; `requires` maps a name whose class needs an
+    optional package to (its module, how to install it)."""
 
     names: Mapping[str, type]
     base: type
+    requires: Mapping[str, tuple[str, str]] = field(default_factory=dict)
 
 
 def snake_case(class_name: str) -> str:
@@ -99,6 +101,15 @@ LOGGERS = Registry(
         "remote_uploader_downloader": RemoteUploaderDownloader,
     },
     base=LoggerDestination,
+    # Composer's extras (mosaicml[...]); micro_diffusion's `test` extra pins mlflow-skinny, the client without the
+    # server, which is all MLFlowLogger needs.
+    requires={
+        "wandb": ("wandb", "pip install 'mosaicml[wandb]==0.32.1'"),
+        "mlflow": ("mlflow", "pip install 'mlflow-skinny>=2.14.1,<3' (or 'mosaicml[mlflow]==0.32.1')"),
+        "comet_ml": ("comet_ml", "pip install 'mosaicml[comet-ml]==0.32.1'"),
+        "neptune": ("neptune", "pip install 'mosaicml[neptune]==0.32.1'"),
+        "slack": ("slack_sdk", "pip install 'mosaicml[slack]==0.32.1'"),
+    },
 )
 
 
@@ -114,8 +125,19 @@ def configured_entries(section: Mapping[str, Any], registry: Registry, prefix: s
             target = import_target(arguments.pop(TARGET_KEY), registry.base, f"{path}.{TARGET_KEY}")
         else:
             target = pick(registry.names, name, path)
+            _check_installed(registry, name, path)
         entries.append((path, target, arguments))
     return entries
+
+
+def _check_installed(registry: Registry, name: str, path: str) -> None:
+    """Raise a ConfigError, saying how to install it, when the entry `name` needs a package that is missing."""
+    if name not in registry.requires:
+        return
+    module, install = registry.requires[name]
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{path}: {registry.names[name].__name__} needs the package {module!r}, not installed: "
+                          f"{install}")
 
 
 def import_target(target: Any, base: type, path: str) -> type:

@@ -117,7 +117,10 @@ class SampleQuality(Callback):
 
     def _frechet(self, images, device) -> dict[str, float]:
         if self._extractor is None:
-            self._extractor = get_feature_extractor(self.extractor_name, self.extractor_weights, device=device)
+            # Built at the first scoring of this process, which a resumed run reaches at another step: its random
+            # initialisation must not draw from the training's generator, or the resumed run's noise would differ.
+            with torch.random.fork_rng(devices=[]):
+                self._extractor = get_feature_extractor(self.extractor_name, self.extractor_weights, device=device)
         reference, _ = reference_statistics(
             self.reference_source, self.reference_options, self.reference_count, images.shape[-1],
             self._extractor, self.cache_dir, self.batch_size,
