@@ -24,7 +24,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from micro_diffusion.compat import cpu_has_amx
+from micro_diffusion import compat
 from micro_diffusion.config_checks import (
     FRACTION,
     NON_NEGATIVE,
@@ -199,7 +199,7 @@ ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
 
 # `${cpu_has_amx:}` in a config: whether this CPU has AMX tiles, resolved where the config is read (e.g.
 # configs/demo_autoencoder.yaml's `model.cpu_bf16`: bf16 autocast is faster only with native bf16).
-OmegaConf.register_new_resolver("cpu_has_amx", cpu_has_amx)
+OmegaConf.register_new_resolver("cpu_has_amx", lambda: compat.cpu_has_amx())  # looked up when resolved
 
 
 # ----------------------------------------------------------------------------------------------------------------
