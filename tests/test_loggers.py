@@ -84,7 +84,7 @@ def test_any_composer_callback_by_name_and_any_class_by_target(tmp_path):
      r"logger\.x\._target_: composer\.callbacks\.SpeedMonitor is not a subclass of .*LoggerDestination"),
     ("+logger.x={_target_:no_such_package.Logger}", r"logger\.x\._target_: cannot import no_such_package\.Logger"),
     ("+logger.x={_target_:InMemoryLogger}", r"logger\.x\._target_: 'InMemoryLogger' is not a dotted path"),
-    ("+logger.wandb={project:p,entity_name:e}", r"logger\.wandb\.entity_name: unknown key; WandBLogger takes"),
+    ("+logger.mlflow={experiment:e}", r"logger\.mlflow\.experiment: unknown key; MLFlowLogger takes"),
     ("+logger.weights_and_biases={}", r"logger\.weights_and_biases: unknown name .* choose one of .*wandb"),
     ("+callbacks.generate={prompts:[a],interval:2ba}",
      r"callbacks\.generate: Generate takes \*\*kwargs, so its configuration keys cannot be checked"),
