@@ -4,7 +4,7 @@ gradients."""
 
 from __future__ import annotations
 
-import os
+import socket
 
 import pytest
 import torch
@@ -120,7 +120,7 @@ def test_compile_regions_keeps_state_dict_keys_and_raises_the_recompile_limit():
 
 
 @pytest.mark.slow
-def test_regions_reuse_compiled_graphs_and_match_eager_under_fsdp_and_checkpointing():
+def test_regions_reuse_compiled_graphs_and_match_eager_under_fsdp_and_checkpointing(monkeypatch):
     """Each block is its own FSDP unit, checkpointed and compiled inside the unit (train.py's arrangement on one
     rank): the loss and every gradient equal the eager network's, and identical blocks share one graph."""
     reference = tiny_dit()
@@ -134,8 +134,12 @@ def test_regions_reuse_compiled_graphs_and_match_eager_under_fsdp_and_checkpoint
         checkpoint_wrapper_fn=lambda module: checkpoint_wrapper(module, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
     )
     region_ids = {id(region) for region in regions}
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
+    with socket.socket() as probe:  # a port of its own: earlier tests in the process may have set or held one
+        probe.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_PORT", str(probe.getsockname()[1]))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    if dist.is_initialized():  # left by an earlier test of the process; this test needs a group of its own
+        dist.destroy_process_group()
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         wrapped = FullyShardedDataParallel(
