@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from composer import Trainer
@@ -90,6 +92,8 @@ def test_scores_the_ema_weights_whatever_the_order_of_the_callbacks(monkeypatch,
 
 def _two_rank_worker(rank: int, port: int) -> None:
     torch.set_num_threads(1)
+    # Composer reads these; an earlier in-process test of the suite may have left WORLD_SIZE=1 behind.
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", NODE_RANK="0")
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         torch.manual_seed(0)
