@@ -120,7 +120,6 @@ def test_compile_regions_keeps_state_dict_keys_and_raises_the_recompile_limit():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="failed in the full suite of 2026-12-03 (passes alone); cause not yet found", strict=False)
 def test_regions_reuse_compiled_graphs_and_match_eager_under_fsdp_and_checkpointing(monkeypatch):
     """Each block is its own FSDP unit, checkpointed and compiled inside the unit (train.py's arrangement on one
     rank): the loss and every gradient equal the eager network's, and identical blocks share one graph."""
@@ -167,7 +166,6 @@ def test_blocks_of_one_shape_and_token_count_share_one_graph():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="failed in the full suite of 2026-12-03 (passes alone); cause not yet found", strict=False)
 def test_inductor_regions_and_fused_adamw_step_match_eager():
     """The optimised step (regions compiled by Inductor, fused AdamW) gives the eager loss, gradients and updated
     weights, masked, within float32 tolerance."""
