@@ -1,6 +1,5 @@
 """precompute: raw MDS -> latent MDS (identity VAE, tiny HF CLIP), round trip to the loader, resume, ranks."""
 
-import json
 import os
 import shutil
 import socket
@@ -13,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 from streaming import MDSWriter
-from streaming.base.format import reader_from_json
 from streaming.base.util import clean_stale_shared_memory
+from training_runs import read_mds
 
 from micro_diffusion.data import precompute as precompute_module
 from micro_diffusion.data import schema
@@ -27,15 +26,6 @@ from micro_diffusion.encoders.text import load_text_encoder
 
 NUM_SAMPLES = 10
 RESOLUTIONS = [8, 16]
-
-
-def read_mds(folder: Path) -> list[dict]:
-    index = json.loads((folder / "index.json").read_text())
-    rows = []
-    for shard in index["shards"]:
-        reader = reader_from_json(str(folder), None, shard)
-        rows += [reader.get_item(i) for i in range(reader.samples)]
-    return rows
 
 
 def source_images() -> list[Image.Image]:

@@ -39,7 +39,14 @@ from micro_diffusion.eval.frechet import (
     precision_recall,
     reference_statistics_path,
 )
-from micro_diffusion.eval.report import EvalProtocol, metric_records, save_sample_grid, write_report
+from micro_diffusion.eval.report import (
+    EvalProtocol,
+    metric_records,
+    plot_scores_by_set,
+    save_captioned_grid,
+    save_sample_grid,
+    write_report,
+)
 
 
 def structured_images(count: int, size: int = 64, seed: int = 0) -> Tensor:
@@ -438,3 +445,26 @@ def test_sample_grid_lays_images_out_in_rows(tmp_path):
     grid = np.asarray(Image.open(path))
     assert grid.shape == (2 * 8 + 3 * 2, 3 * 8 + 4 * 2, 3)
     assert grid[2:10, 12:20].min() == 255 and grid[2:10, 2:10].max() == 0
+
+
+def test_captioned_grid_shows_each_image_upscaled_without_smoothing_and_its_caption(tmp_path):
+    images = torch.zeros(3, 3, 8, 8)
+    images[0, :, :4] = 1.0  # top half white: stays a sharp edge at 4x
+    path = save_captioned_grid([("set one", images[:2], ["a red circle", "two blue squares above a cyan circle"]),
+                                ("set two", images[2:], ["a white square"])], tmp_path / "grid.png", columns=2, scale=4)
+    grid = np.asarray(Image.open(path).convert("L")).astype(int)
+    pad, tile, line = 4, 32, 13
+    assert grid.shape[1] == 2 * (tile + pad) + pad
+    top = pad + line + pad  # below the first section's title
+    first = grid[top:top + tile, pad:pad + tile]
+    assert (first[:16] == 255).all() and (first[16:] == 0).all()  # nearest neighbour: no grey rows at the edge
+    caption_band = grid[top + tile:top + tile + line, pad:pad + tile]
+    assert (caption_band < 128).any()  # text drawn under the image
+    with pytest.raises(ValueError, match="as many captions"):
+        save_captioned_grid([("set", images, ["one caption"])], tmp_path / "bad.png")
+
+
+def test_scores_by_set_chart_is_written(tmp_path):
+    scores = {"seen": {"object": 0.9, "all": 0.5}, "held_out": {"object": 0.7, "position": 0.3, "all": 0.2}}
+    path = plot_scores_by_set(scores, tmp_path / "scores.png", title="demo", targets={"seen": 0.8})
+    assert Image.open(path).size[0] > 300

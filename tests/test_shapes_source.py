@@ -13,11 +13,14 @@ from micro_diffusion.data.sources.shapes import (
     BACKGROUND,
     COLOURS,
     NUM_LABELS,
+    PROMPT_SETS,
     RELATIONS,
+    Holdout,
     ObjectGroup,
     ShapesSpec,
     iter_shapes,
     parse_caption,
+    prompt_set,
     render_objects,
     sample_prompts,
     sample_specs,
@@ -202,3 +205,53 @@ def test_bad_arguments_fail_before_iteration():
 
 def test_registered_as_source():
     assert get_source("shapes") is iter_shapes
+
+
+DEMO_HOLDOUT = Holdout.from_options("blue triangle, orange circle,magenta square", 0.15)
+
+
+def test_holdout_keeps_its_pairs_and_caption_share_out_of_the_data_and_leaves_the_rest_as_drawn():
+    records = list(iter_shapes(600, resolution=16, seed=4, holdout_pairs=["blue triangle", "orange circle",
+                                                                          "magenta square"], holdout_captions=0.15))
+    specs = [parse_caption(record.caption) for record in records]
+    assert not any(DEMO_HOLDOUT.excludes(spec) for spec in specs)
+    assert {(g.colour, g.shape) for spec in specs for g in spec.groups} == {
+        (colour, shape) for colour in COLOURS for shape in ("circle", "square", "triangle")
+    } - DEMO_HOLDOUT.pairs
+    # samples the hold-out accepts are drawn exactly as without it (rejection only redraws the excluded ones)
+    plain = list(iter_shapes(600, resolution=16, seed=4))
+    kept = [a.caption == b.caption for a, b in zip(plain, records)
+            if not DEMO_HOLDOUT.excludes(parse_caption(a.caption))]
+    assert kept and all(kept)
+    # the caption share is a property of the text: about 15% of two-group captions, the same in every process
+    two_group = sample_specs(4000, seed=5)
+    share = np.mean([DEMO_HOLDOUT.has_caption(spec) for spec in two_group if len(spec.groups) == 2])
+    assert 0.12 < share < 0.18
+    assert not any(DEMO_HOLDOUT.has_caption(spec) for spec in two_group if len(spec.groups) == 1)
+
+
+def test_prompt_sets_ask_for_what_training_never_saw():
+    sets = {name: [parse_caption(p) for p in prompt_set(name, 200, 1000, DEMO_HOLDOUT)] for name in PROMPT_SETS}
+    assert all(len(specs) == 200 for specs in sets.values())
+    seen = sets["seen_single"]
+    assert all(len(s.groups) == 1 and not DEMO_HOLDOUT.has_pair(s) for s in seen)
+    assert {s.groups[0].count for s in seen} == {1, 2, 3}
+    relations = sets["held_out_relations"]
+    assert all(s.relation is not None and DEMO_HOLDOUT.has_caption(s) and not DEMO_HOLDOUT.has_pair(s)
+               for s in relations)
+    assert {s.relation for s in relations} == set(RELATIONS)
+    assert all(DEMO_HOLDOUT.has_pair(s) for s in sets["held_out_pairs"])
+    assert prompt_set("held_out_pairs", 20, 1000, DEMO_HOLDOUT) == [s.caption() for s in sets["held_out_pairs"][:20]]
+
+
+def test_holdout_refuses_what_it_cannot_mean():
+    with pytest.raises(ValueError, match="'<colour> <shape>'"):
+        Holdout.from_options(["purple circle"])
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        Holdout.from_options([], 1.0)
+    with pytest.raises(ValueError, match="needs held-out pairs"):
+        prompt_set("held_out_pairs", 3, 0, Holdout())
+    with pytest.raises(ValueError, match="unknown prompt set"):
+        prompt_set("everything", 3, 0, DEMO_HOLDOUT)
+    with pytest.raises(ValueError, match="'<colour> <shape>'"):
+        iter_shapes(3, holdout_pairs="red")

@@ -1,6 +1,7 @@
 """Helpers of the tests that launch real training runs (`composer -n N train.py`): latent shards, commands,
-checkpoints. Imported by tests/test_train_e2e.py and tests/test_rehearsal.py."""
+checkpoints, MDS rows. Imported by the tests that train or read shards."""
 
+import json
 import os
 import signal
 import subprocess
@@ -10,10 +11,21 @@ from pathlib import Path
 import numpy as np
 import torch
 from streaming import MDSWriter
+from streaming.base.format import reader_from_json
 
 from micro_diffusion.data import schema
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def read_mds(folder: Path) -> list[dict]:
+    """Every row of an MDS folder, in shard order."""
+    index = json.loads((folder / "index.json").read_text())
+    rows = []
+    for shard in index["shards"]:
+        reader = reader_from_json(str(folder), None, shard)
+        rows += [reader.get_item(i) for i in range(reader.samples)]
+    return rows
 
 
 def write_latent_shards(

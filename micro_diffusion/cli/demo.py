@@ -8,8 +8,9 @@
 Everything the demo does, with every setting, is in the pipeline file and the configs it names: rendered shapes
 -> raw MDS (convert), the autoencoder (configs/demo_autoencoder.yaml) and its latent statistics (latent-stats),
 latents (precompute), two MicroDiT stages (configs/demo_dit_pretrain.yaml, demo_dit_finetune.yaml), and the
-report: EMA weights exported, a grid for fixed prompts, sample images, the shapes score of N samples with its
-protocol (metrics.json) and the loss curves. Each step is skipped once done, so an interrupted demo resumes.
+report: EMA weights exported, and for each of three prompt sets (seen single groups, held-out relation captions,
+held-out colour-shape pairs) the shapes score with its protocol (metrics.json), captioned samples in grid.png and
+samples/, a score-by-set chart and the loss curves. Each step is skipped once done, so an interrupted demo resumes.
 Arguments after the options go to the pipeline runner (micro_diffusion/pipeline.py): `KEY=VALUE` is a Hydra
 override for every training stage, `STAGE:ARGUMENT` one for a single stage (a config or command argument).
 
@@ -66,23 +67,36 @@ def run_demo(argv: list[str] | None) -> None:
 
 
 def report(argv: list[str] | None) -> None:
-    """The demo's evaluation: grid, samples, shapes score and loss curves of the final run's EMA weights."""
+    """The demo's evaluation of the final run's EMA weights on three prompt sets (seen single groups, held-out
+    relation captions, held-out colour-shape pairs): their shapes scores with the protocol (metrics.json), a
+    captioned grid of each set's first samples (grid.png), a score-by-set chart (scores.png), sample images and the
+    loss curves (loss.png)."""
     import torch
     from torchvision.utils import save_image
 
-    from micro_diffusion.data.sources.shapes import sample_prompts
+    from micro_diffusion.data.sources.shapes import PROMPT_SETS, Holdout, prompt_set
     from micro_diffusion.eval.report import (
         EvalProtocol,
         metric_records,
         plot_loss_curves,
-        save_sample_grid,
+        plot_scores_by_set,
+        save_captioned_grid,
         write_report,
     )
     from micro_diffusion.eval.shapes_score import shapes_score
     from micro_diffusion.models.checkpoints import export_ema_weights
     from micro_diffusion.models.sampling import build_model, generate_samples, model_arguments
 
-    args = report_parser().parse_args(argv)
+    parser = report_parser()
+    args = parser.parse_args(argv)
+    try:
+        holdout = Holdout.from_options(args.holdout_pairs, args.holdout_captions)
+        targets = {name: float(value) for name, value in (pair.split("=") for pair in args.targets or [])}
+    except ValueError as error:
+        parser.error(str(error))
+    unknown = sorted(set(targets) - set(PROMPT_SETS))
+    if unknown:
+        parser.error(f"--targets names unknown prompt sets {unknown}; known: {list(PROMPT_SETS)}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     run, out = args.runs[-1], args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -90,28 +104,32 @@ def report(argv: list[str] | None) -> None:
     model = build_model(model_arguments(run / STAGE_CONFIG), weights, device)
     sampling = {"num_inference_steps": args.steps, "guidance_scale": args.guidance}
 
-    grid = generate_samples(model, args.grid_prompts, args.grid_seed, len(args.grid_prompts), **sampling)
-    save_sample_grid(grid, out / "grid.png")
-    (out / "grid_prompts.txt").write_text("\n".join(args.grid_prompts) + "\n")
+    records, scores, sections = [], {}, []
+    for name, description in PROMPT_SETS.items():
+        prompts = prompt_set(name, args.num_samples, args.seed, holdout)
+        images = generate_samples(model, prompts, args.seed, args.batch_size, **sampling)
+        samples = out / "samples" / name
+        samples.mkdir(parents=True, exist_ok=True)
+        for i, (image, prompt) in enumerate(itertools.islice(zip(images, prompts), args.save_images)):
+            save_image(image, samples / f"{i:03d}_{prompt.replace(' ', '_')}.png")
+        score = shapes_score(images, prompts)
+        count = int(score.pop("num_images"))
+        scores[name] = {key: value for key, value in score.items() if not key.startswith("category/")}
+        protocol = EvalProtocol("shapes-checker", count, f"{name}: {description} ({holdout.describe()}; prompt "
+                                f"seed {args.seed})", "edm-heun", args.steps, args.guidance, args.seed)
+        records += metric_records({f"shapes/{name}/{key}": value for key, value in score.items()}, protocol)
+        sections.append((f"{name}: {description}", images[: args.grid_per_set], prompts[: args.grid_per_set]))
+        print(f"[report] {name}: all correct {score['all']:.3f} of {count} prompts")
 
-    prompts = sample_prompts(args.num_samples, seed=args.seed, max_groups=args.max_groups)
-    images = generate_samples(model, prompts, args.seed, args.batch_size, **sampling)
-    samples = out / "samples"
-    samples.mkdir(exist_ok=True)
-    for i, (image, prompt) in enumerate(itertools.islice(zip(images, prompts), args.save_images)):
-        save_image(image, samples / f"{i:03d}_{prompt.replace(' ', '_')}.png")
-    score = shapes_score(images, prompts)
-    count = int(score.pop("num_images"))
-    groups = "single-object" if args.max_groups == 1 else f"up to {args.max_groups} groups of"
-    protocol = EvalProtocol("shapes-checker", count, f"shapes grammar, {groups} prompts (seed {args.seed})",
-                            "edm-heun", args.steps, args.guidance, args.seed)
-    records = metric_records({f"shapes/{key}": value for key, value in score.items()}, protocol)
+    save_captioned_grid(sections, out / "grid.png", columns=args.grid_per_set)
     written = write_report(out / "metrics.json", records, sample_grid=out / "grid.png")
+    chart = plot_scores_by_set(scores, out / "scores.png", title="MicroDiT demo: shapes score by prompt set",
+                               targets=targets)
     plot = plot_loss_curves(args.runs, out / "loss.png", title="MicroDiT demo on shapes")
 
     print(json.dumps({record["metric"]: round(record["value"], 3) for record in written["results"]}, indent=2))
-    print(f"grid: {out / 'grid.png'} (prompts in grid_prompts.txt)\nsamples: {samples}\n"
-          f"metrics: {out / 'metrics.json'}\nloss curves: {plot}")
+    print(f"grid: {out / 'grid.png'}\nsamples: {out / 'samples'}\nmetrics: {out / 'metrics.json'}\n"
+          f"scores by set: {chart}\nloss curves: {plot}")
 
 
 def report_parser() -> argparse.ArgumentParser:
@@ -123,15 +141,19 @@ def report_parser() -> argparse.ArgumentParser:
                         help="training runs in order: all have their losses plotted; the last is evaluated (its "
                              f"{STAGE_CONFIG} from the pipeline runner and {FINAL_CHECKPOINT}, with EMA weights)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--grid-prompts", nargs="+", required=True, help="prompts of grid.png (a square number)")
-    parser.add_argument("--grid-seed", type=int, required=True, help="grid image i uses this seed + i")
-    parser.add_argument("--num-samples", type=int, required=True, help="samples scored by the shapes checker")
-    parser.add_argument("--max-groups", type=int, required=True, help="shape groups per scored prompt")
+    parser.add_argument("--holdout-pairs", default="", metavar="PAIRS",
+                        help="the colour-shape pairs training never saw, comma-separated: 'blue triangle,orange "
+                             "circle' (the data's own)")
+    parser.add_argument("--holdout-captions", type=float, default=0.0,
+                        help="the share of two-group captions training never saw (the data's own)")
+    parser.add_argument("--num-samples", type=int, required=True, help="prompts scored per set")
     parser.add_argument("--seed", type=int, required=True, help="seed of the scored prompts; sample i uses seed + i")
-    parser.add_argument("--save-images", type=int, required=True, help="scored samples saved as PNG files")
+    parser.add_argument("--grid-per-set", type=int, required=True, help="samples of each set shown in grid.png")
+    parser.add_argument("--save-images", type=int, required=True, help="scored samples saved as PNG files, per set")
     parser.add_argument("--steps", type=int, required=True, help="EDM Heun steps")
     parser.add_argument("--guidance", type=float, required=True, help="classifier-free guidance scale")
     parser.add_argument("--batch-size", type=int, required=True, help="samples per generation call")
+    parser.add_argument("--targets", nargs="*", metavar="SET=RATE", help="all-correct targets marked on the chart")
     parser.add_argument("--device", help="default: cuda when available, else cpu")
     return parser
 

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import re
+import textwrap
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
@@ -111,6 +112,78 @@ def save_sample_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     nrow = nrow or math.ceil(math.sqrt(len(images)))
     save_image(images.detach().float().cpu(), path, nrow=nrow, padding=padding)
+    return path
+
+
+def save_captioned_grid(
+    sections: Sequence[tuple[str, Tensor, Sequence[str]]], path: str | os.PathLike, columns: int = 8, scale: int = 4
+) -> Path:
+    """A grid for people: each section a title line, then its images (B, C, H, W) in [0, 1], upscaled `scale`
+    times (nearest neighbour, so nothing is smoothed away), each with its caption wrapped below it."""
+    from PIL import Image, ImageDraw, ImageFont  # imported here: only the grid needs them
+
+    if not sections or any(len(images) != len(captions) or len(images) == 0 for _, images, captions in sections):
+        raise ValueError("each section needs as many captions as images, and at least one image")
+    font = ImageFont.load_default(size=11)
+    line_height, pad = 13, 4
+    tile = sections[0][1].shape[-1] * scale
+    chars_per_line = max(8, tile // 6)
+    wrapped = [[textwrap.wrap(caption, chars_per_line) for caption in captions] for _, _, captions in sections]
+    caption_lines = max(len(lines) for section in wrapped for lines in section)
+    cell_height = tile + caption_lines * line_height + pad
+    rows = [math.ceil(len(images) / columns) for _, images, _ in sections]
+    width = columns * (tile + pad) + pad
+    height = sum(line_height + pad + row_count * cell_height for row_count in rows) + pad
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    top = pad
+    for (title, images, _), lines_per_image, row_count in zip(sections, wrapped, rows):
+        draw.text((pad, top), title, fill=(0, 0, 0), font=font)
+        top += line_height + pad
+        pixels = (images.detach().float().cpu().clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+        for index, (image, lines) in enumerate(zip(pixels, lines_per_image)):
+            left = pad + (index % columns) * (tile + pad)
+            cell_top = top + (index // columns) * cell_height
+            canvas.paste(Image.fromarray(image).resize((tile, tile), Image.NEAREST), (left, cell_top))
+            for line_index, line in enumerate(lines):
+                draw.text((left, cell_top + tile + line_index * line_height), line, fill=(0, 0, 0), font=font)
+        top += row_count * cell_height
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def plot_scores_by_set(
+    scores: Mapping[str, Mapping[str, float]], path: str | os.PathLike, title: str = "",
+    targets: Mapping[str, float] | None = None,
+) -> Path:
+    """Grouped bars: for each prompt set (keys of `scores`), the rate of each criterion it has; `targets` (set ->
+    all-correct target) are drawn as marks over the sets' "all" bars."""
+    import matplotlib  # imported here: only the plot needs it
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    criteria = list(dict.fromkeys(name for score in scores.values() for name in score))
+    figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(criteria) * len(scores) / 2), 4))
+    width = 0.8 / len(scores)
+    for set_index, (name, score) in enumerate(scores.items()):
+        positions = [i + set_index * width for i, criterion in enumerate(criteria) if criterion in score]
+        values = [score[criterion] for criterion in criteria if criterion in score]
+        bars = axis.bar(positions, values, width, label=name)
+        if targets and name in targets and "all" in score:
+            x = criteria.index("all") + set_index * width
+            axis.hlines(targets[name], x - width / 2, x + width / 2, colors=bars.patches[0].get_facecolor(),
+                        linestyles="--", lw=2)
+    axis.set_xticks([i + 0.4 - width / 2 for i in range(len(criteria))], criteria)
+    axis.set(ylim=(0, 1), ylabel="rate over the set's prompts",
+             title=title + (" (dashes: all-correct targets)" if targets else ""))
+    axis.legend(fontsize=8)
+    path = Path(path)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
     return path
 
 

@@ -11,12 +11,20 @@ disjoint grid cells with a gap between them, and the two groups of a relation in
 image, so every relation holds with margin. Each record keeps its ground truth in `Record.extra`:
 `{"spec": spec.to_dict(), "objects": [{"colour", "shape", "centre": [x, y], "size", "group"}, ...]}` with
 centre (x right, y down) and size (side of the object's square bounding box) as fractions of the image side.
+
+A `Holdout` keeps parts of the grammar out of training, so an evaluation can ask for compositions the model never
+saw: colour-shape pairs (no caption with a "blue triangle" in any group) and a share of the two-group captions
+(chosen by a hash of the caption text, so the split is the same in every process and at every size).
+`iter_shapes(..., holdout_pairs=[...], holdout_captions=0.15)` draws training data without them, and
+`prompt_set` draws the three evaluation sets of the demo: seen single groups, held-out relation captions, and
+prompts containing a held-out pair.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,6 +218,112 @@ def sample_prompts(
     return [spec.caption() for spec in sample_specs(num_prompts, seed, max_groups, max_count)]
 
 
+Pair = tuple[str, str]  # (colour, shape)
+
+
+def parse_pair(text: str) -> Pair:
+    """"blue triangle" -> ("blue", "triangle"); ValueError naming the known colours and shapes otherwise."""
+    words = text.lower().split()
+    if len(words) != 2 or words[0] not in COLOURS or words[1] not in SHAPES:
+        raise ValueError(f"a held-out pair is '<colour> <shape>' with a colour of {list(COLOURS)} and a shape of "
+                         f"{list(SHAPES)}, got {text!r}")
+    return words[0], words[1]
+
+
+def _unit_hash(text: str) -> float:
+    """A uniform number in [0, 1) fixed by `text` alone (not Python's salted hash)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") / 2.0**64
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """What training never sees.
+
+    pairs: colour-shape pairs kept out of every caption (in either group).
+    caption_share: the share of two-group captions kept out, chosen by a hash of the caption text.
+    """
+
+    pairs: frozenset[Pair] = frozenset()
+    caption_share: float = 0.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pairs", frozenset(self.pairs))
+        if not 0.0 <= self.caption_share < 1.0:
+            raise ValueError(f"the held-out share of two-group captions must be in [0, 1), got {self.caption_share}")
+        if len(self.pairs) >= NUM_LABELS:
+            raise ValueError(f"holding out all {NUM_LABELS} colour-shape pairs leaves nothing to train on")
+
+    @classmethod
+    def from_options(cls, pairs: str | Sequence[str] | None = None, caption_share: float = 0.0) -> Holdout:
+        """From config values: pairs as ["blue triangle", ...] or one comma-separated string."""
+        if isinstance(pairs, str):
+            pairs = [pair for pair in pairs.split(",") if pair.strip()]
+        return cls(frozenset(parse_pair(pair) for pair in pairs or ()), float(caption_share))
+
+    def has_pair(self, spec: ShapesSpec) -> bool:
+        """Whether a group of `spec` is a held-out colour-shape pair."""
+        return any((group.colour, group.shape) in self.pairs for group in spec.groups)
+
+    def has_caption(self, spec: ShapesSpec) -> bool:
+        """Whether `spec` is a two-group caption of the held-out share."""
+        return len(spec.groups) == 2 and _unit_hash(spec.caption()) < self.caption_share
+
+    def excludes(self, spec: ShapesSpec) -> bool:
+        """Whether training must not see `spec`."""
+        return self.has_pair(spec) or self.has_caption(spec)
+
+    def describe(self) -> str:
+        pairs = ", ".join(sorted(f"{colour} {shape}" for colour, shape in self.pairs)) or "none"
+        return f"held-out pairs: {pairs}; held-out two-group captions: {self.caption_share:.0%}"
+
+
+_MAX_DRAWS = 10_000  # rejection sampling gives up (and says why) after this many draws for one spec
+
+
+def _draw_until(
+    rng: np.random.Generator, accept: Callable[[ShapesSpec], bool], max_groups: int, max_count: int, what: str
+) -> ShapesSpec:
+    for _ in range(_MAX_DRAWS):
+        spec = sample_spec(rng, max_groups, max_count)
+        if accept(spec):
+            return spec
+    raise ValueError(f"no {what} in {_MAX_DRAWS} draws: the hold-out leaves (almost) none")
+
+
+def sample_training_spec(
+    rng: np.random.Generator, holdout: Holdout, max_groups: int = 2, max_count: int = MAX_COUNT
+) -> ShapesSpec:
+    """`sample_spec` conditioned on what `holdout` keeps out (the distribution of the rest is unchanged)."""
+    return _draw_until(rng, lambda spec: not holdout.excludes(spec), max_groups, max_count,
+                       "training caption outside the hold-out")
+
+
+PROMPT_SETS: dict[str, str] = {
+    "seen_single": "one group (1-3 objects) of a colour-shape pair seen in training",
+    "held_out_relations": "two groups with a relation (above, below, left of, right of) whose caption was held out; "
+                          "both pairs seen",
+    "held_out_pairs": "any prompt of the grammar containing a held-out colour-shape pair (a binding never seen)",
+}
+
+
+def prompt_set(name: str, num_prompts: int, seed: int, holdout: Holdout) -> list[str]:
+    """The evaluation prompts of set `name` (a key of PROMPT_SETS); prompt i depends only on (seed, i)."""
+    accept = {
+        "seen_single": lambda spec: not holdout.has_pair(spec),
+        "held_out_relations": lambda spec: (spec.relation is not None and holdout.has_caption(spec)
+                                            and not holdout.has_pair(spec)),
+        "held_out_pairs": holdout.has_pair,
+    }
+    if name not in accept:
+        raise ValueError(f"unknown prompt set {name!r}; known: {list(PROMPT_SETS)}")
+    needs = {"held_out_pairs": holdout.pairs, "held_out_relations": holdout.caption_share}
+    if name in needs and not needs[name]:
+        raise ValueError(f"prompt set {name!r} needs held-out {'pairs' if name == 'held_out_pairs' else 'captions'}")
+    max_groups = 1 if name == "seen_single" else 2
+    return [_draw_until(_sample_rng(seed, index), accept[name], max_groups, MAX_COUNT, f"{name} prompt").caption()
+            for index in range(num_prompts)]
+
+
 def _group_regions(spec: ShapesSpec, rng: np.random.Generator) -> list[Box]:
     """One box per group: the whole canvas, or the two sides of a random cut (the first group on the side
     its relation names; a random side for "and")."""
@@ -307,26 +421,31 @@ def iter_shapes(
     seed: int = 0,
     max_groups: int = 2,
     max_count: int = MAX_COUNT,
+    holdout_pairs: str | Sequence[str] | None = None,
+    holdout_captions: float = 0.0,
 ) -> Iterator[Record]:
     """`num_samples` captioned shapes images (arguments checked now, images drawn as iterated); sample i
     depends only on (seed, i).
 
     `max_groups` (1 or 2) and `max_count` (1..3) set the difficulty: (1, 1) gives single-object prompts.
-    Record.label is `spec_label(spec)` and Record.extra holds the spec and ground-truth objects.
+    `holdout_pairs` (["blue triangle", ...] or "blue triangle,orange circle") and `holdout_captions` (a share of
+    the two-group captions) are never drawn: see `Holdout`. Record.label is `spec_label(spec)` and Record.extra
+    holds the spec and ground-truth objects.
     """
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     _check_resolution(resolution)
     _check_difficulty(max_groups, max_count)
-    return _records(num_samples, resolution, seed, max_groups, max_count)
+    holdout = Holdout.from_options(holdout_pairs, holdout_captions)
+    return _records(num_samples, resolution, seed, max_groups, max_count, holdout)
 
 
 def _records(
-    num_samples: int, resolution: int, seed: int, max_groups: int, max_count: int
+    num_samples: int, resolution: int, seed: int, max_groups: int, max_count: int, holdout: Holdout
 ) -> Iterator[Record]:
     for index in range(num_samples):
         rng = _sample_rng(seed, index)
-        spec = sample_spec(rng, max_groups, max_count)
+        spec = sample_training_spec(rng, holdout, max_groups, max_count)
         image, objects = render_spec(spec, resolution, rng)
         yield Record(
             key=f"shapes-{seed}-{index:08d}",
