@@ -1,12 +1,11 @@
 """convert: records -> raw MDS, with counted skips, resizing, parallel workers and the CLI."""
 
 import io
-import json
 
 import numpy as np
 import pytest
 from PIL import Image
-from streaming.base.format import reader_from_json
+from training_runs import read_mds
 
 from micro_diffusion.cli.convert import main as convert_main
 from micro_diffusion.data import convert as convert_module
@@ -19,16 +18,6 @@ def image_bytes(size=(40, 30), colour=(200, 10, 10), fmt="PNG") -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, format=fmt)
     return buffer.getvalue()
-
-
-def read_raw(folder) -> list[dict]:
-    """Every row of a raw MDS folder, in order."""
-    index = json.loads((folder / "index.json").read_text())
-    rows = []
-    for shard in index["shards"]:
-        reader = reader_from_json(str(folder), None, shard)
-        rows += [reader.get_item(i) for i in range(reader.samples)]
-    return rows
 
 
 def mixed_records() -> list[Record]:
@@ -46,7 +35,7 @@ def mixed_records() -> list[Record]:
 
 def test_convert_keeps_values_and_counts_every_skip(tmp_path):
     summary = convert(mixed_records(), tmp_path / "raw", RowRules(min_size=8), progress=False)
-    rows = read_raw(tmp_path / "raw")
+    rows = read_mds(tmp_path / "raw")
     assert [row[schema.RAW_KEY] for row in rows] == ["ok-png", "ok-array"]
     first, second = rows
     assert first[schema.RAW_IMAGE] == image_bytes()  # untouched file bytes are stored as they are
@@ -74,7 +63,7 @@ def test_parallel_workers_write_the_same_shards_as_one_process(tmp_path):
     records = mixed_records() * 20
     serial = convert(records, tmp_path / "serial", RowRules(min_size=8), num_workers=0, progress=False)
     parallel = convert(records, tmp_path / "parallel", RowRules(min_size=8), num_workers=2, progress=False)
-    assert read_raw(tmp_path / "serial") == read_raw(tmp_path / "parallel")
+    assert read_mds(tmp_path / "serial") == read_mds(tmp_path / "parallel")
     assert serial.kept == parallel.kept == 40 and serial.skipped == parallel.skipped
     assert serial.total == len(records)
 
@@ -107,7 +96,7 @@ def test_refuses_a_non_empty_output_unless_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="not empty"):
         convert(mixed_records(), tmp_path / "out", progress=False)
     convert(mixed_records()[:1], tmp_path / "out", overwrite=True, progress=False)
-    assert [row[schema.RAW_KEY] for row in read_raw(tmp_path / "out")] == ["ok-png"]
+    assert [row[schema.RAW_KEY] for row in read_mds(tmp_path / "out")] == ["ok-png"]
 
 
 def test_cli_with_yaml_config_and_source_options(tmp_path, capsys):
@@ -121,7 +110,7 @@ def test_cli_with_yaml_config_and_source_options(tmp_path, capsys):
         f"source: folder\nsource_options: {{root: {images}}}\nworkers: 0\nlimit: 2\nno_progress: true\n"
     )
     convert_main(["--config", str(config), "--output", str(tmp_path / "raw")])
-    assert [row[schema.RAW_CAPTION] for row in read_raw(tmp_path / "raw")] == ["caption 0", "caption 1"]
+    assert [row[schema.RAW_CAPTION] for row in read_mds(tmp_path / "raw")] == ["caption 0", "caption 1"]
     assert "convert: 2 records" in capsys.readouterr().out
 
     with pytest.raises(

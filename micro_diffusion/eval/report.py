@@ -160,11 +160,7 @@ def plot_scores_by_set(
 ) -> Path:
     """Grouped bars: for each prompt set (keys of `scores`), the rate of each criterion it has; `targets` (set ->
     all-correct target) are drawn as marks over the sets' "all" bars."""
-    import matplotlib  # imported here: only the plot needs it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     criteria = list(dict.fromkeys(name for score in scores.values() for name in score))
     figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(criteria) * len(scores) / 2), 4))
     width = 0.8 / len(scores)
@@ -180,10 +176,24 @@ def plot_scores_by_set(
     axis.set(ylim=(0, 1), ylabel="rate over the set's prompts",
              title=title + (" (dashes: all-correct targets)" if targets else ""))
     axis.legend(fontsize=8)
+    return _save_figure(figure, path)
+
+
+def _pyplot():
+    """matplotlib.pyplot on the file-only backend (imported here: only the plots need it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save_figure(figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
+    _pyplot().close(figure)
     return path
 
 
@@ -207,11 +217,7 @@ _LOGGED_LOSS = re.compile(r"\[metric\]\[batch=(\d+)\]: (loss/train/total|metrics
 def plot_loss_curves(runs: Sequence[Path], path: str | os.PathLike, title: str = "", smoothing: int = 25) -> Path:
     """Plot the training loss (mean of `smoothing` batches) and validation loss of training runs, one run per
     folder holding the `metrics.txt` of Composer's file logger, on a log scale over the batch count."""
-    import matplotlib  # imported here: only the plot needs it
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4))
     for run in runs:
         series: dict[str, dict[int, float]] = {}
@@ -229,8 +235,4 @@ def plot_loss_curves(runs: Sequence[Path], path: str | os.PathLike, title: str =
                 axis.plot(steps, values, "o-", lw=2, label=f"{Path(run).name}: validation (fixed sigmas)")
     axis.set(xlabel="batch", ylabel="EDM loss", yscale="log", title=title)
     axis.legend(fontsize=7)
-    path = Path(path)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save_figure(figure, path)
