@@ -49,10 +49,14 @@ def nothing_is_built(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(module, name, refused(getattr(module, name)))
 
 
-@pytest.mark.parametrize("config", [DIFFUSION, AUTOENCODER])
-def test_a_valid_config_reaches_the_build(config: str) -> None:
+@pytest.mark.parametrize(
+    ("config", "overrides"),
+    [(DIFFUSION, []), (AUTOENCODER, []),
+     (DIFFUSION, ["+model.train_route_ratio=0.5", "+model.dit_kwargs={route_span: [1, 3]}"])],
+)
+def test_a_valid_config_reaches_the_build(config: str, overrides: list[str]) -> None:
     with pytest.raises(AssertionError, match="a model or dataset was built"):
-        read_then_build(config)
+        read_then_build(config, *overrides)
 
 
 @pytest.mark.parametrize(
@@ -66,6 +70,9 @@ def test_a_valid_config_reaches_the_build(config: str) -> None:
         ("data.image_size=0", r"data\.image_size: must be > 0, got 0"),
         ("model.train_mask_ratio=1.5", r"model\.train_mask_ratio: must be in \[0, 1\), got 1\.5"),
         ("model.train_mask_ratio=1.0", r"model\.train_mask_ratio: must be in \[0, 1\), got 1\.0"),
+        ("+model.train_route_ratio=1.0", r"model\.train_route_ratio: must be in \[0, 1\), got 1\.0"),
+        ("+model.train_route_ratio=-0.5", r"model\.train_route_ratio: must be in \[0, 1\), got -0\.5"),
+        ("+model.train_route_ratio=0.5", r"model\.train_route_ratio: routes tokens around .*route_span"),
         ("+model.sigma_data=0", r"model\.sigma_data: must be > 0, got 0"),
         ("data.cap_drop_prob=1.5", r"data\.cap_drop_prob: must be in \[0, 1\], got 1\.5"),
         ("data.cap_drop_prob=-0.1", r"data\.cap_drop_prob: must be in \[0, 1\], got -0\.1"),

@@ -163,6 +163,7 @@ def test_unconditional_unet_trains_and_generates_from_seeds():
     [
         (dict(dit_kwargs={"patch_size": 1}), "configure the MicroDiT, which unet_preset replaces"),
         (dict(train_mask_ratio=0.5), "configure the MicroDiT, which unet_preset replaces"),
+        (dict(train_route_ratio=0.5), "configure the MicroDiT, which unet_preset replaces"),
         (dict(pos_interp_scale=2), r"^pos_interp_scale=2 configure the MicroDiT, which unet_preset replaces"),
         (dict(label_embedding_dim=64, use_caption_mask=True), "label_embedding_dim=64, use_caption_mask=True"),
         (dict(text_encoder_name="minilm", num_classes=None), "set text_encoder_name to None"),
@@ -229,7 +230,9 @@ def test_one_key_selects_the_configuration(config, layer):
     assert network.label_dim == 10 and network.img_channels == 3
 
 
-@pytest.mark.parametrize("key", ["+model.dit_arch=MicroDiT_XXS_2", "+model.train_mask_ratio=0.0"])
+@pytest.mark.parametrize(
+    "key", ["+model.dit_arch=MicroDiT_XXS_2", "+model.train_mask_ratio=0.0", "+model.train_route_ratio=0.0"]
+)
 def test_microdit_keys_with_the_unet_are_errors(key):
     with pytest.raises(ConfigError, match=rf"model\.{key[7:].split('=')[0]}: configures the MicroDiT"):
         train.check_run(compose_run(key))

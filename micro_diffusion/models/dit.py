@@ -6,6 +6,7 @@ Forward pass (training and inference share it):
   c = timestep embedding + MLP(mean of refined caption tokens)                       (the adaLN condition)
   patch-mixer blocks on ALL tokens -> random per-sample masking (keep (1 - ratio) T tokens)
   -> mixer-to-backbone projection -> backbone blocks on the kept tokens only -> final layer
+     (token routing, training only: a random share of those tokens skips the blocks of `route_span`)
   -> dropped positions filled with a zero mask token (output space) -> unpatchify -> (N, C, H, W)
 
 The constructor takes the original `DiT` arguments with the same defaults, and the module tree keeps the
@@ -60,14 +61,22 @@ def num_kept_tokens(num_tokens: int, mask_ratio: float) -> int:
 
 
 def random_token_mask(
-    batch_size: int, num_tokens: int, mask_ratio: float, device: torch.device, generator: torch.Generator | None = None
+    batch_size: int,
+    num_tokens: int,
+    mask_ratio: float,
+    device: torch.device,
+    generator: torch.Generator | None = None,
+    ratio_name: str = "mask_ratio",
 ) -> TokenMask:
-    """Draw an independent random permutation per sample and keep its first int(T * (1 - ratio)) tokens."""
+    """Draw an independent random permutation per sample and keep its first int(T * (1 - ratio)) tokens.
+
+    ratio_name: the argument a ValueError names when the ratio is outside [0, 1) or keeps no token.
+    """
     if not 0.0 <= mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+        raise ValueError(f"{ratio_name} must be in [0, 1), got {mask_ratio}")
     num_keep = num_kept_tokens(num_tokens, mask_ratio)
     if num_keep < 1:
-        raise ValueError(f"mask_ratio {mask_ratio} keeps no token out of {num_tokens}")
+        raise ValueError(f"{ratio_name} {mask_ratio} keeps no token out of {num_tokens}")
     noise = torch.rand(batch_size, num_tokens, device=device, generator=generator)
     shuffle = noise.argsort(dim=1)
     restore = shuffle.argsort(dim=1)
@@ -79,6 +88,13 @@ def random_token_mask(
 def gather_tokens(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """x: (N, T, D), indices: (N, K) -> (N, K, D)."""
     return x.gather(1, indices.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def scatter_tokens(x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """x (N, T, D) with its rows at indices (N, K) (distinct per sample) replaced by values (N, K, D): a new tensor,
+    of the wider of the two dtypes (autocast may give block outputs another dtype than their inputs)."""
+    dtype = torch.promote_types(x.dtype, values.dtype)
+    return x.to(dtype).scatter(1, indices.unsqueeze(-1).expand(-1, -1, x.shape[-1]), values.to(dtype))
 
 
 def restore_tokens(kept: torch.Tensor, restore_indices: torch.Tensor, fill: torch.Tensor) -> torch.Tensor:
@@ -132,6 +148,15 @@ class DiT(nn.Module):
         use_bias: biases in attention, FFN and mixer projections (must be False with `mp`).
         num_experts, expert_capacity, experts_every_n: expert-choice MoE FFN placement and capacity.
         mp: magnitude-preserving transformer blocks (below). False builds the original network.
+        route_span: (start, end), 0 <= start < end <= depth: the backbone blocks blocks[start:end] that token
+            routing (TREAD, arXiv 2501.04765) lets a share of the tokens skip; None (the default) for no routing.
+            It adds no parameter (the state dict is unchanged) and does nothing until a forward pass is given a
+            `route_ratio` > 0, which training does (`LatentDiffusion.train_route_ratio`) and inference does not.
+
+    Token routing (`route_ratio` r in the forward pass). Of the K tokens entering block `start` (all T, or the
+    kept ones when patch masking is on), an independent random int(K (1 - r)) per sample go through
+    blocks[start:end]; the others skip them and rejoin, unchanged and in their places, before block `end`. Unlike
+    masking, every token still reaches the final layer and the loss; the span's blocks pay for fewer tokens.
 
     Magnitude-preserving option (`mp=True`, EDM2's MP layers where they are well defined in a DiT). In every
     transformer block (caption refiner, patch-mixer, backbone):
@@ -186,8 +211,13 @@ class DiT(nn.Module):
         expert_capacity: float = 1,
         experts_every_n: int = 2,
         mp: bool = False,
+        route_span: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        if route_span is not None and (len(route_span) != 2 or not 0 <= route_span[0] < route_span[1] <= depth):
+            raise ValueError(
+                f"route_span must be (start, end) with 0 <= start < end <= depth {depth}, got {list(route_span)}"
+            )
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
         if len(qkv_multipliers) != len(ffn_multipliers):
@@ -202,6 +232,7 @@ class DiT(nn.Module):
         self.pos_interp_scale = pos_interp_scale
         self.use_patch_mixer = use_patch_mixer
         self.mp = mp
+        self.route_span = None if route_span is None else (int(route_span[0]), int(route_span[1]))
         self.grid_size = input_size // patch_size
         num_tokens = self.grid_size**2
 
@@ -312,9 +343,11 @@ class DiT(nn.Module):
         y: torch.Tensor,
         mask_ratio: float = 0.0,
         caption_mask: torch.Tensor | None = None,
+        route_ratio: float = 0.0,
     ) -> dict[str, torch.Tensor | None]:
         """x: (N, C, H, W) preconditioned latents; t: (N,), (1,) or scalar c_noise; y: caption states;
-        caption_mask: optional (N, L) bool, True on real caption tokens (see `embed_caption`).
+        caption_mask: optional (N, L) bool, True on real caption tokens (see `embed_caption`); route_ratio: share
+        of the backbone's tokens that skip the blocks of `route_span` (token routing, see the class docstring).
 
         Returns {'sample': (N, C, H, W), 'mask': (N, T) with 1 = dropped token, or None when nothing is masked}.
         """
@@ -337,14 +370,45 @@ class DiT(nn.Module):
 
         if self.use_patch_mixer:
             tokens = self.patch_mixer_map_xout(tokens)  # after masking: only kept tokens pay for it
-        for block in self.blocks:
-            tokens = block(tokens, caption, c, caption_mask)
+        tokens = self._backbone(tokens, caption, c, caption_mask, route_ratio)
         patches = self.final_layer(tokens, c)
 
         if token_mask is not None:
             patches = restore_tokens(patches, token_mask.restore_indices, self.mask_token)
         mask = None if token_mask is None else token_mask.mask
         return {"sample": self.unpatchify(patches, grid_h, grid_w), "mask": mask}
+
+    def routed_blocks(self, route_ratio: float) -> range:
+        """Indices of the backbone blocks that `route_ratio` routes tokens around: empty for 0, else `route_span`
+        (a ValueError when the DiT was built without one)."""
+        if route_ratio == 0:
+            return range(0)
+        if self.route_span is None:
+            raise ValueError(f"route_ratio {route_ratio} needs a DiT built with a route_span (the blocks to route "
+                             "tokens around)")
+        return range(*self.route_span)
+
+    def _backbone(
+        self, tokens: torch.Tensor, caption: torch.Tensor, c: torch.Tensor, caption_mask: torch.Tensor | None,
+        route_ratio: float,
+    ) -> torch.Tensor:
+        """The backbone blocks: tokens (N, K, D) -> (N, K, D). With route_ratio, blocks[start:end] see a random
+        (N, int(K (1 - route_ratio)), D) subset; the other tokens come out of the span unchanged, in place."""
+
+        def run(blocks: Sequence[nn.Module], h: torch.Tensor) -> torch.Tensor:
+            for block in blocks:
+                h = block(h, caption, c, caption_mask)
+            return h
+
+        span = self.routed_blocks(route_ratio)
+        if not span:
+            return run(self.blocks, tokens)
+        tokens = run(self.blocks[:span.start], tokens)
+        n, k, _ = tokens.shape
+        kept = random_token_mask(n, k, route_ratio, tokens.device, ratio_name="route_ratio").keep_indices
+        processed = run(self.blocks[span.start:span.stop], gather_tokens(tokens, kept))
+        tokens = scatter_tokens(tokens, kept, processed)
+        return run(self.blocks[span.stop:], tokens)
 
     def forward_with_cfg(
         self,
@@ -354,6 +418,7 @@ class DiT(nn.Module):
         cfg: float = 1.0,
         mask_ratio: float = 0.0,
         caption_mask: torch.Tensor | None = None,
+        route_ratio: float = 0.0,
     ) -> dict[str, torch.Tensor]:
         """Classifier-free guidance (the samplers' `guided_denoiser`, one doubled batch): the null condition is
         an all-zeros caption embedding (with the same caption mask). Returns {'sample': (N, C, H, W)}."""
@@ -363,7 +428,9 @@ class DiT(nn.Module):
             cond["caption_mask"] = null["caption_mask"] = caption_mask
 
         def network(x_in: torch.Tensor, t_in: torch.Tensor, condition: dict[str, torch.Tensor]) -> torch.Tensor:
-            return self.forward_without_cfg(x_in, t_in, mask_ratio=mask_ratio, **condition)["sample"]
+            return self.forward_without_cfg(
+                x_in, t_in, mask_ratio=mask_ratio, route_ratio=route_ratio, **condition
+            )["sample"]
 
         return {"sample": guided_denoiser(network, cond, null, cfg)(x, t)}
 
@@ -375,11 +442,12 @@ class DiT(nn.Module):
         cfg: float = 1.0,
         mask_ratio: float = 0.0,
         caption_mask: torch.Tensor | None = None,
+        route_ratio: float = 0.0,
     ) -> dict[str, torch.Tensor | None]:
         """`forward_with_cfg` when cfg != 1, else `forward_without_cfg` (the original's entry point)."""
         if cfg != 1.0:
-            return self.forward_with_cfg(x, t, y, cfg, mask_ratio, caption_mask)
-        return self.forward_without_cfg(x, t, y, mask_ratio, caption_mask)
+            return self.forward_with_cfg(x, t, y, cfg, mask_ratio, caption_mask, route_ratio)
+        return self.forward_without_cfg(x, t, y, mask_ratio, caption_mask, route_ratio)
 
     def unpatchify(self, patches: torch.Tensor, grid_h: int | None = None, grid_w: int | None = None) -> torch.Tensor:
         """(N, T, p*p*C) with per-token layout (p_row, p_col, channel) -> (N, C, grid_h * p, grid_w * p)."""
@@ -391,20 +459,24 @@ class DiT(nn.Module):
 
     # ----------------------------------------------------------------------------------------------------------
 
-    def forward_flops(self, mask_ratio: float = 0.0, caption_length: int = 77) -> int:
+    def forward_flops(self, mask_ratio: float = 0.0, caption_length: int = 77, route_ratio: float = 0.0) -> int:
         """Analytic matmul FLOPs (2 per multiply-add) of one forward pass, per image.
 
         Counts every linear layer, convolution, attention product (QK^T and AV) and MoE expert at the token
-        counts they see: the mixer on all T tokens, the backbone and final layer on int(T (1 - ratio)) tokens.
+        counts they see: the mixer on all T tokens, the backbone and final layer on K = int(T (1 - mask_ratio))
+        tokens, except the blocks of `route_span`, on int(K (1 - route_ratio)) when route_ratio > 0.
         Element-wise work (norms, activations, softmax) is not counted, as in `FlopCounterMode` and MFU practice;
         nor is the weight normalisation of MP layers, element-wise work on the parameters (O(params) per forward,
         independent of the token count), so an MP model counts the same FLOPs as the standard one.
         """
-        return sum(flops for _, flops in self.flop_breakdown(mask_ratio, caption_length))
+        return sum(flops for _, flops in self.flop_breakdown(mask_ratio, caption_length, route_ratio))
 
-    def flop_breakdown(self, mask_ratio: float = 0.0, caption_length: int = 77) -> list[tuple[str, int]]:
+    def flop_breakdown(
+        self, mask_ratio: float = 0.0, caption_length: int = 77, route_ratio: float = 0.0
+    ) -> list[tuple[str, int]]:
         """(component name, forward FLOPs per image) pairs; see `forward_flops`."""
         t_all, t_kept, length = self.num_tokens, num_kept_tokens(self.num_tokens, mask_ratio), caption_length
+        t_routed, routed = num_kept_tokens(t_kept, route_ratio), self.routed_blocks(route_ratio)
         d = self.dim
 
         def linear(tokens: int, layer: nn.Module) -> int:
@@ -426,14 +498,15 @@ class DiT(nn.Module):
                         + linear(t_kept, self.patch_mixer_map_xout[1]))
             breakdown.append(("mixer_maps", maps))
             breakdown.append(("patch_mixer", sum(_block_flops(b, t_all, length) for b in self.patch_mixer)))
-        breakdown.append(("backbone", sum(_block_flops(b, t_kept, length) for b in self.blocks)))
+        breakdown.append(("backbone", sum(_block_flops(b, t_routed if i in routed else t_kept, length)
+                                          for i, b in enumerate(self.blocks))))
         breakdown.append(("final_layer", linear(1, self.final_layer.adaLN_modulation[1])
                           + linear(t_kept, self.final_layer.linear)))
         return breakdown
 
-    def training_flops(self, mask_ratio: float = 0.0, caption_length: int = 77) -> int:
+    def training_flops(self, mask_ratio: float = 0.0, caption_length: int = 77, route_ratio: float = 0.0) -> int:
         """FLOPs of one training step per image: forward + backward (2x forward), frozen encoders excluded."""
-        return 3 * self.forward_flops(mask_ratio, caption_length)
+        return 3 * self.forward_flops(mask_ratio, caption_length, route_ratio)
 
 
 def _attention_flops(attn: nn.Module, queries: int, keys: int) -> int:

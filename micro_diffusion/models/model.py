@@ -66,8 +66,8 @@ __all__ = [
 SAMPLERS = ("heun", "euler")
 UNET_FIELDS_SET_BY_THE_MODEL = ("img_resolution", "img_channels", "label_dim")
 # create_latent_diffusion's arguments that configure only one kind of network.
-DIT_ARGUMENTS = ("dit_arch", "pos_interp_scale", "train_mask_ratio", "label_embedding_dim", "dit_kwargs",
-                 "use_caption_mask")
+DIT_ARGUMENTS = ("dit_arch", "pos_interp_scale", "train_mask_ratio", "train_route_ratio", "label_embedding_dim",
+                 "dit_kwargs", "use_caption_mask")
 UNET_ARGUMENTS = ("unet_config", "unet_kwargs")
 # The create_latent_diffusion arguments that describe a trained network and its encoders (the rest: training).
 MODEL_DESCRIPTION = ("dit_arch", "latent_res", "in_channels", "pos_interp_scale", "vae_name", "text_encoder_name",
@@ -86,7 +86,7 @@ class UNetNetwork(nn.Module):
     forward(x (B, C, h, w), c_noise (B,), condition (B, 1, 1, label_dim)) -> {"sample": F (B, C, h, w), "mask": None}.
     The condition holds one-hot class rows (an all-zero row is the null class of classifier-free guidance), which
     the U-Net embeds with its own label layer; an unconditional U-Net (label_dim 0) gets an empty (B, 1, 1, 0)
-    condition. There are no patches to mask: mask_ratio must be 0.
+    condition. There are no patches to mask nor tokens to route: mask_ratio and route_ratio must be 0.
     """
 
     patch_size = 1  # the loss is averaged over pixels (no patch masking)
@@ -97,9 +97,12 @@ class UNetNetwork(nn.Module):
         self.in_channels = unet.img_channels
         self.caption_channels = unet.label_dim
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor, mask_ratio: float = 0.0) -> dict[str, Tensor | None]:
-        if mask_ratio:
-            raise ValueError(f"the EDM2 U-Net has no patches to mask; got mask_ratio {mask_ratio}")
+    def forward(
+        self, x: Tensor, t: Tensor, y: Tensor, mask_ratio: float = 0.0, route_ratio: float = 0.0
+    ) -> dict[str, Tensor | None]:
+        if mask_ratio or route_ratio:
+            raise ValueError(f"the EDM2 U-Net has no patches to mask or route; got mask_ratio {mask_ratio}, "
+                             f"route_ratio {route_ratio}")
         labels = y.reshape(y.shape[0], self.caption_channels) if self.caption_channels else None
         return {"sample": self.unet(x, t, labels), "mask": None}
 
@@ -118,6 +121,8 @@ class LatentDiffusion(ComposerModel):
             network state dict, as the released checkpoints are (`models.checkpoints.accept_network_state_dict`).
         edm: sigma_data, training noise distribution and sampling schedule.
         train_mask_ratio: fraction of patches dropped after the patch-mixer in training (0 in evaluation).
+        train_route_ratio: token routing in training (0 in evaluation): the fraction of the backbone's tokens that
+            skip the MicroDiT's `route_span` blocks (see `DiT`); it needs a DiT built with a route_span.
         latent_res: latent side used by `generate`.
         precomputed_latents: train from `image_latents` / `caption_latents` in the batch (else encode
             `image` / `captions` on the fly).
@@ -154,10 +159,15 @@ class LatentDiffusion(ComposerModel):
         num_classes: int | None = None,
         one_hot_labels: bool = False,
         use_caption_mask: bool = False,
+        train_route_ratio: float = 0.0,
     ) -> None:
         super().__init__()
-        if not 0.0 <= train_mask_ratio < 1.0:
-            raise ValueError(f"train_mask_ratio must be in [0, 1), got {train_mask_ratio}")
+        for name, ratio in (("train_mask_ratio", train_mask_ratio), ("train_route_ratio", train_route_ratio)):
+            if not 0.0 <= ratio < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {ratio}")
+        if train_route_ratio and getattr(dit, "route_span", None) is None:
+            raise ValueError(f"train_route_ratio {train_route_ratio} routes tokens around the MicroDiT's route_span "
+                             "blocks: build the DiT with a route_span (dit_kwargs.route_span)")
         if vae.latent_channels != dit.in_channels:
             raise ValueError(
                 f"the VAE makes {vae.latent_channels}-channel latents but the DiT takes {dit.in_channels} channels"
@@ -182,6 +192,7 @@ class LatentDiffusion(ComposerModel):
         self.text_encoder = text_encoder
         self.edm = edm or EDMConfig()
         self.train_mask_ratio = train_mask_ratio
+        self.train_route_ratio = train_route_ratio
         self.latent_res = latent_res
         self.precomputed_latents = precomputed_latents
         self.dtype = dtype
@@ -319,14 +330,15 @@ class LatentDiffusion(ComposerModel):
         noise: Tensor,
         mask_ratio: float,
         caption_mask: Tensor | None = None,
+        route_ratio: float = 0.0,
     ) -> Tensor:
         """EDM loss of the denoiser at noise levels sigma (B,) with the given noise (B, C, h, w); caption (B, 1, L,
-        C_txt) with an optional (B, L) bool mask of its real tokens."""
+        C_txt) with an optional (B, L) bool mask of its real tokens; patch masking and token routing ratios."""
         token_mask: list[Tensor | None] = []
         extra = {} if caption_mask is None else {"caption_mask": caption_mask}
 
         def network(x_in: Tensor, c_noise: Tensor) -> Tensor:
-            out = self.dit(x_in, c_noise, caption, mask_ratio=mask_ratio, **extra)
+            out = self.dit(x_in, c_noise, caption, mask_ratio=mask_ratio, route_ratio=route_ratio, **extra)
             token_mask.append(out["mask"])
             return out["sample"]
 
@@ -339,13 +351,14 @@ class LatentDiffusion(ComposerModel):
         return loss
 
     def forward(self, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
-        """Training forward: (loss, latents, caption states). Masking only applies in training mode."""
+        """Training forward: (loss, latents, caption states). Masking and routing only apply in training mode."""
         latents = self.image_latents(batch)
         caption = self.caption_latents(batch)
         sigma = sample_training_sigmas(latents.shape[0], self.edm.p_mean, self.edm.p_std, device=latents.device)
         mask_ratio = self.train_mask_ratio if self.training else 0.0
+        route_ratio = self.train_route_ratio if self.training else 0.0
         loss = self.diffusion_loss(latents, caption, sigma, torch.randn_like(latents), mask_ratio,
-                                   self.caption_mask(batch))
+                                   self.caption_mask(batch), route_ratio)
         return loss, latents, caption
 
     def loss(self, outputs: tuple[Tensor, Tensor, Tensor], batch: dict) -> Tensor:
@@ -517,13 +530,15 @@ def create_latent_diffusion(
     unet_config: str | None = None,
     unet_kwargs: dict | None = None,
     use_caption_mask: bool = False,
+    train_route_ratio: Annotated[float, FRACTION] = 0.0,
 ) -> LatentDiffusion:
     """Build a LatentDiffusion by names, with the original's arguments and defaults (plus a few of ours).
 
     The defaults describe the original's 256-px MicroDiT_XL_2 (its EDM values are `EDMConfig`'s);
     `released_model_arguments()` gives the released 512-px checkpoints'. `use_caption_mask` masks padded caption
-    tokens (see `LatentDiffusion`). The ranges in the annotations are checked where a config is read
-    (`micro_diffusion.config_checks.check_arguments`).
+    tokens (see `LatentDiffusion`); `train_route_ratio` routes that share of the backbone's tokens around the
+    blocks of `dit_kwargs["route_span"]` in training (token routing, see `DiT`). The ranges in the annotations are
+    checked where a config is read (`micro_diffusion.config_checks.check_arguments`).
 
     The DiT is built with input_size = latent_res and caption_channels = the text encoder's width (from the
     format table, without loading weights). `load_text_encoder_weights=False` skips loading the text encoder,
@@ -541,10 +556,13 @@ def create_latent_diffusion(
     """
     network_arguments = dict(
         dit_arch=dit_arch, pos_interp_scale=pos_interp_scale, train_mask_ratio=train_mask_ratio,
-        label_embedding_dim=label_embedding_dim, dit_kwargs=dit_kwargs, use_caption_mask=use_caption_mask,
-        unet_config=unet_config, unet_kwargs=unet_kwargs,
+        train_route_ratio=train_route_ratio, label_embedding_dim=label_embedding_dim, dit_kwargs=dit_kwargs,
+        use_caption_mask=use_caption_mask, unet_config=unet_config, unet_kwargs=unet_kwargs,
     )
     _check_network_arguments(unet_preset, network_arguments)
+    if train_route_ratio and "route_span" not in (dit_kwargs or {}):
+        raise ValueError(f"train_route_ratio {train_route_ratio} routes tokens around the backbone blocks of "
+                         "dit_kwargs['route_span'] ([start, end]), which is not set")
     weights_dtype = torch_dtype(dtype)
     if unet_preset is None:
         network = _create_dit_network(
@@ -565,6 +583,7 @@ def create_latent_diffusion(
         network, vae, text_encoder, edm=edm, train_mask_ratio=train_mask_ratio, latent_res=latent_res,
         precomputed_latents=precomputed_latents, dtype=weights_dtype, learned_loss_weighting=learned_loss_weighting,
         num_classes=num_classes, one_hot_labels=unet_preset is not None, use_caption_mask=use_caption_mask,
+        train_route_ratio=train_route_ratio,
     )
 
 

@@ -7,7 +7,7 @@ recompiles everything. Compiled region by region:
 - blocks with the same parameter shapes share one compiled graph: Dynamo caches compiled code per code object
   (`DiTBlock.forward`) and guards on the module's type, attribute values and tensor shapes, not on its identity;
 - a new mask ratio recompiles only the regions whose token count changed (the backbone blocks), not the
-  patch-mixer or the caption refiner;
+  patch-mixer or the caption refiner; a route ratio (token routing) only the blocks of the route span;
 - the glue between regions (embeddings, masking, the loss) stays eager: it is element-wise work on small tensors
   and keeps the random token mask outside any graph.
 Dynamo always treats parameter shapes as static, so every distinct block shape is its own graph: MicroDiT's
@@ -26,9 +26,10 @@ import torch
 from torch import nn
 
 REGION_FLAG = "_compile_region"
-# Compiled variants one region shape may need: token counts (masked training, unmasked evaluation) x grad mode
-# x a static and a dynamic batch dimension (Dynamo recompiles once with a dynamic batch when the batch changes).
-VARIANTS_PER_SHAPE = 8
+# Compiled variants one region shape may need: token counts (masked training, routed training in the route span,
+# unmasked evaluation) x grad mode x a static and a dynamic batch dimension (Dynamo recompiles once with a dynamic
+# batch when the batch changes).
+VARIANTS_PER_SHAPE = 12
 
 
 def mark_compile_regions(modules: Iterable[nn.Module]) -> None:

@@ -381,9 +381,11 @@ class ThroughputMonitor(Callback):
 
     - `throughput/images_per_sec` (all ranks) and `throughput/device/images_per_sec` (divided by the world size);
     - `throughput/tokens_per_sec` and `throughput/device/tokens_per_sec`: image tokens through the backbone, i.e.
-      the tokens kept after patch masking, `num_kept_tokens(dit.num_tokens, train_mask_ratio)` per image;
+      the tokens kept after patch masking, `num_kept_tokens(dit.num_tokens, train_mask_ratio)` per image: the
+      tokens the loss sees. Token routing does not change it (routed tokens skip some blocks, not the backbone);
     - `throughput/flops_per_sec` and `throughput/device/flops_per_sec`: images/s times the analytic FLOPs of one
-      training step per image, `dit.training_flops(train_mask_ratio, caption_length)` (frozen encoders excluded);
+      training step per image, `dit.training_flops(train_mask_ratio, caption_length, train_route_ratio)` (frozen
+      encoders excluded; routed tokens count only in the blocks they go through);
     - `throughput/device/mfu`: device FLOP/s over the peak FLOP/s of one device, when that peak is known.
 
     Tokens, FLOP/s and MFU need the MicroDiT's analytic FLOP counter; for a network without one (the EDM2 U-Net)
@@ -437,7 +439,7 @@ class ThroughputMonitor(Callback):
             # The FLOP counter reads weight shapes, which FSDP flattens and shards outside summon_full_params.
             with FullyShardedDataParallel.summon_full_params(model.dit, writeback=False):
                 self._flops_per_image = model.dit.training_flops(
-                    model.train_mask_ratio, _condition_length(model, state.batch)
+                    model.train_mask_ratio, _condition_length(model, state.batch), model.train_route_ratio
                 )
         tokens_per_image = num_kept_tokens(model.dit.num_tokens, model.train_mask_ratio)
         flops_per_sec = images_per_sec * self._flops_per_image

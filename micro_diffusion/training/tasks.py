@@ -67,7 +67,8 @@ class LatentDataConfig:
 
 _STREAMING_SET_BY_LOADER = ("streams", "batch_size", "shuffle", "shuffle_seed")
 # `model` keys that configure the MicroDiT, so have no effect when model.unet_preset selects the EDM2 U-Net.
-_DIT_ONLY_MODEL_KEYS = ("dit_arch", "dit_kwargs", "pos_interp_scale", "label_embedding_dim", "train_mask_ratio")
+_DIT_ONLY_MODEL_KEYS = ("dit_arch", "dit_kwargs", "pos_interp_scale", "label_embedding_dim", "train_mask_ratio",
+                        "train_route_ratio")
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,9 @@ def diffusion_spec(run: RunConfig) -> DiffusionSpec:
         unused = [key for key in _DIT_ONLY_MODEL_KEYS if key in run.model]
         if unused:
             raise ConfigError(f"model.{unused[0]}: configures the MicroDiT, which model.unet_preset replaces")
+    if _model_argument(run.model, "train_route_ratio") and "route_span" not in (run.model.get("dit_kwargs") or {}):
+        raise ConfigError("model.train_route_ratio: routes tokens around the backbone blocks of "
+                          "model.dit_kwargs.route_span ([start, end]), which is not set")
     data = validate_section(LatentDataConfig, run.data, "data")
     if not data.train_streams:
         raise ConfigError("data.train_streams: no training data given")
