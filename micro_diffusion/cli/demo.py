@@ -68,13 +68,14 @@ def run_demo(argv: list[str] | None) -> None:
 
 def report(argv: list[str] | None) -> None:
     """The demo's evaluation of the final run's EMA weights on three prompt sets (seen single groups, held-out
-    relation captions, held-out colour-shape pairs): their shapes scores with the protocol (metrics.json), a
+    relation captions, held-out colour-shape pairs): their shapes scores with the protocol, and the scores of the
+    same prompts' ground-truth renders through the autoencoder, the ceiling it sets (metrics.json); a
     captioned grid of each set's first samples (grid.png), a score-by-set chart (scores.png), sample images and the
     loss curves (loss.png)."""
     import torch
     from torchvision.utils import save_image
 
-    from micro_diffusion.data.sources.shapes import PROMPT_SETS, Holdout, prompt_set
+    from micro_diffusion.data.sources.shapes import PROMPT_SETS, Holdout, prompt_set, render_prompts
     from micro_diffusion.eval.report import (
         EvalProtocol,
         metric_records,
@@ -118,8 +119,17 @@ def report(argv: list[str] | None) -> None:
         protocol = EvalProtocol("shapes-checker", count, f"{name}: {description} ({holdout.describe()}; prompt "
                                 f"seed {args.seed})", "edm-heun", args.steps, args.guidance, args.seed)
         records += metric_records({f"shapes/{name}/{key}": value for key, value in score.items()}, protocol)
+        # The autoencoder's ceiling: ground-truth renders of the same prompts, encoded and decoded (posterior mean)
+        truth = torch.from_numpy(render_prompts(prompts, images.shape[-1], args.seed)).permute(0, 3, 1, 2)
+        round_trip = model.vae.decode(model.vae.encode(truth.to(device).float() / 127.5 - 1, sample=False))
+        ceiling = shapes_score(((round_trip.float().cpu() + 1) / 2).clamp(0, 1), prompts)
+        ceiling_protocol = EvalProtocol("shapes-checker", count, f"{protocol.reference_set}; ground-truth renders "
+                                        "through the autoencoder", "none", None, None, args.seed)
+        records += metric_records({f"shapes/{name}/through_autoencoder/{key}": ceiling[key]
+                                   for key in score if not key.startswith("category/")}, ceiling_protocol)
         sections.append((f"{name}: {description}", images[: args.grid_per_set], prompts[: args.grid_per_set]))
-        print(f"[report] {name}: all correct {score['all']:.3f} of {count} prompts")
+        print(f"[report] {name}: all correct {score['all']:.3f} of {count} prompts (ground truth through the "
+              f"autoencoder: {ceiling['all']:.3f})")
 
     save_captioned_grid(sections, out / "grid.png", columns=args.grid_per_set)
     written = write_report(out / "metrics.json", records, sample_grid=out / "grid.png")

@@ -414,6 +414,12 @@ def render_spec(
     return render_objects(objects, resolution), objects
 
 
+def render_prompts(prompts: Sequence[str], resolution: int, seed: int) -> np.ndarray:
+    """Ground-truth renders of grammar prompts, (N, H, W, 3) uint8; render i is laid out by (seed, i)."""
+    return np.stack([np.asarray(render_spec(parse_caption(prompt), resolution, _sample_rng(seed, index))[0])
+                     for index, prompt in enumerate(prompts)])
+
+
 @register_source("shapes")
 def iter_shapes(
     num_samples: int,
