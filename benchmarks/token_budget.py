@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,9 +87,8 @@ def stage_model(demo_out: Path, arm: Arm) -> torch.nn.Module:
     })
 
 
-def step_seconds(model: torch.nn.Module, batch_size: int, caption_length: int, steps: int) -> float:
-    """Median CPU seconds of one training step (forward, backward, AdamW) on random latents and caption states, on
-    one thread: what the step takes on an idle core, nearly independent of other work sharing the machine."""
+def training_step(model: torch.nn.Module, batch_size: int, caption_length: int) -> Callable[[], None]:
+    """One training step (forward, backward, AdamW) of `model` on fixed random latents and caption states."""
     model.train()
     dit = model.dit
     batch = {
@@ -96,31 +96,37 @@ def step_seconds(model: torch.nn.Module, batch_size: int, caption_length: int, s
         schema.BATCH_CAPTION_LATENTS: torch.randn(batch_size, 1, caption_length, dit.caption_channels),
     }
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    times = []
-    for step in range(steps + 3):  # three warm-up steps
-        start = time.process_time()
+
+    def step() -> None:
         loss, _, _ = model(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if step >= 3:
-            times.append(time.process_time() - start)
-    return sorted(times)[len(times) // 2]
+
+    return step
 
 
 def calibrate(demo_out: Path, batch_size: int, caption_length: int, steps: int) -> dict[str, dict[str, float]]:
-    """Per arm: seconds of one stage-1 training step (one thread, measured one arm after another in this process)
-    and the analytic training FLOPs per image (`DiT.training_flops`)."""
+    """Per arm: the median CPU seconds of one stage-1 training step on one thread (nearly what it takes on an idle
+    core) and the analytic training FLOPs per image (`DiT.training_flops`). The arms take turns step by step, so
+    a change in what else runs on the machine falls on all of them alike."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    calibration = {}
-    for name, arm in ARMS.items():
-        model = stage_model(demo_out, arm)
-        calibration[name] = {
-            "seconds_per_step": step_seconds(model, batch_size, caption_length, steps),
-            "training_flops_per_image": model.dit.training_flops(arm.mask_ratio, caption_length, arm.route_ratio),
-        }
-    return calibration
+    models = {name: stage_model(demo_out, arm) for name, arm in ARMS.items()}
+    steps_of = {name: training_step(model, batch_size, caption_length) for name, model in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in ARMS}
+    for round_index in range(steps + 3):  # three warm-up rounds
+        for name, step in steps_of.items():
+            start = time.process_time()
+            step()
+            if round_index >= 3:
+                times[name].append(time.process_time() - start)
+    return {
+        name: {"seconds_per_step": sorted(times[name])[steps // 2],
+               "training_flops_per_image": models[name].dit.training_flops(arm.mask_ratio, caption_length,
+                                                                          arm.route_ratio)}
+        for name, arm in ARMS.items()
+    }
 
 
 def arm_pipeline(name: str, arm: Arm, batches: tuple[int, int], run_dir: Path, demo_out: Path, args) -> Pipeline:
@@ -229,7 +235,7 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=200, help="prompts scored per set")
     parser.add_argument("--steps", type=int, default=20, help="EDM Heun steps of the scored samples")
     parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--calibration-steps", type=int, default=15)
+    parser.add_argument("--calibration-steps", type=int, default=25)
     args = parser.parse_args()
     if not (args.demo_out / "data" / "latents_train" / "index.json").is_file():
         parser.error(f"{args.demo_out} is not a finished demo's output folder (no data/latents_train)")
