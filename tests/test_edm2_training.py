@@ -258,6 +258,7 @@ def fashion_mnist_pixels(root: Path, resolution: int) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # two launched trainings and sampling: past 900 s on a loaded 2-core machine
 def test_tiny_unet_trained_on_fashion_mnist_samples_better_than_its_first_checkpoint(tmp_path):
     """train.py (in-process, one CPU thread) trains a tiny class-conditional U-Net in config G (16 channels, levels
     16, 8 and 4 px, 0.32M parameters) on 16-px Fashion-MNIST pixels with EDM2's settings for 25,600 images (400
