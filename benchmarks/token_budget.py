@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,6 +183,13 @@ def run_seconds(run_dir: Path) -> float:
                for stage in ("pretrain", "finetune"))
 
 
+def validation_loss(run_dir: Path) -> float:
+    """The finetune stage's last validation loss (fixed sigmas and noise): at budgets too small for the shapes
+    score to tell the arms apart, the finer measure of what each arm learned."""
+    logged = re.findall(r"metrics/eval/ValidationLoss: ([-\d.e+]+)", (run_dir / "finetune" / "metrics.txt").read_text())
+    return float(logged[-1])
+
+
 def scores(run_dir: Path) -> dict[str, float]:
     report = json.loads((run_dir / "report" / "metrics.json").read_text())
     return {record["metric"]: record["value"] for record in report["results"]}
@@ -196,13 +204,14 @@ def write_outputs(out: Path, results: list[dict], calibration: dict, args) -> No
 
     (out / "results.json").write_text(json.dumps({"calibration": calibration, "results": results}, indent=2) + "\n")
     header = ["budget (x demo)", "~idle min", "arm", "stage-1 batches", "stage-2 batches", "stage-1 FLOPs/img (M)",
-              "wall (min)", *PROMPT_SETS]
+              "wall (min)", "validation loss", *PROMPT_SETS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in results:
         lines.append("| " + " | ".join([
             f"{r['budget']:g}", f"{r['budget'] * DEMO_DIT_MINUTES:.1f}", r["arm"], str(r["batches"][0]),
             str(r["batches"][1]),
             f"{calibration[r['arm']]['training_flops_per_image'] / 1e6:.1f}", f"{r['wall_seconds'] / 60:.1f}",
+            f"{r['validation_loss']:.4f}",
             *(f"{r['scores'][f'shapes/{name}/all']:.3f}" for name in PROMPT_SETS),
         ]) + " |")
     protocol = (f"Protocol: shapes checker, {args.num_samples} prompts per set (seed 1000), EDM Heun {args.steps} "
@@ -265,7 +274,8 @@ def main() -> None:
             run_pipeline(arm_pipeline(name, arm, batches, run_dir, args.demo_out, args))
             results.append({"budget": budget, "arm": name, "mask_ratio": arm.mask_ratio,
                             "route_ratio": arm.route_ratio, "batches": list(batches),
-                            "wall_seconds": run_seconds(run_dir), "scores": scores(run_dir)})
+                            "wall_seconds": run_seconds(run_dir), "validation_loss": validation_loss(run_dir),
+                            "scores": scores(run_dir)})
             write_outputs(args.out, results, calibration, args)
     print((args.out / "token_budget.md").read_text())
 
