@@ -41,6 +41,7 @@ import torch
 from micro_diffusion.data import schema
 from micro_diffusion.data.sources.shapes import PROMPT_SETS
 from micro_diffusion.pipeline import (
+    DONE_MARKER,
     CommandStep,
     Pipeline,
     TrainingStage,
@@ -179,7 +180,7 @@ def batch_counts(budget: float, share: float, calibration: dict, name: str, demo
 
 def run_seconds(run_dir: Path) -> float:
     """Wall seconds of the two training stages, launcher start included (their pipeline done-markers)."""
-    return sum(json.loads((run_dir / stage / "pipeline_stage_done.json").read_text())["seconds"]
+    return sum(json.loads((run_dir / stage / DONE_MARKER).read_text())["seconds"]
                for stage in ("pretrain", "finetune"))
 
 

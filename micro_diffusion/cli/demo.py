@@ -94,7 +94,7 @@ def report(argv: list[str] | None) -> None:
         holdout = Holdout.from_options(args.holdout_pairs, args.holdout_captions)
         targets = {name: float(value) for name, value in (pair.split("=") for pair in args.targets or [])}
     except ValueError as error:
-        parser.error(str(error))
+        parser.error(f"{error}; --targets takes SET=RATE pairs, e.g. seen_single=0.8")
     unknown = sorted(set(targets) - set(PROMPT_SETS))
     if unknown:
         parser.error(f"--targets names unknown prompt sets {unknown}; known: {list(PROMPT_SETS)}")
