@@ -12,8 +12,8 @@ token treatment and the lengths:
     route_50            50% of tokens skip ROUTE_SPAN
     route_50_mask_50    both (routing among kept tokens)
 
-Equal compute: a budget B is a fraction of the demo's own MicroDiT training (its two stages, 1,000 batches at 50%
-masking and 300 unmasked: about 13.5 minutes of the idle 2-core VM, DEMO_DIT_MINUTES), turned into batch counts
+Equal compute: a budget B is a fraction of the demo's own MicroDiT training (its two stages, 1,500 batches at 50%
+masking and 450 unmasked: about 11.4 minutes of the idle 2-core VM, DEMO_DIT_MINUTES), turned into batch counts
 per arm from step times measured first, here, in one process (calibration: forward + backward + AdamW of the
 demo's LatentDiffusion on the per-rank batch, one thread, median CPU time of --calibration-steps). Stage 1 gets
 (1 - share) of the budget at its own step time, stage 2 the rest at the unmasked step time. CPU time on one thread
@@ -23,7 +23,8 @@ Each arm is scored on the demo's three prompt sets (`micro-diffusion demo report
 metrics.json with the protocol.
 
 Writes <out>/calibration.json, <out>/budget_<B>/<arm>/ (runs and report), <out>/results.json, a markdown table
-<out>/token_budget.md and the plot <out>/token_budget.png (all-correct rate per set against the budget).
+<out>/token_budget.md and the plot <out>/token_budget.png (all-correct rate per set and validation loss against
+the budget).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ DEMO_PIPELINE = REPO / "yamls" / "demo.yaml"
 PRETRAIN, FINETUNE = "demo_dit_pretrain", "demo_dit_finetune"
 ROUTE_SPAN = (1, 3)  # MicroDiT_XXS_2 has 4 backbone blocks: the first and the last see every token
 WARMUP_BATCHES = 50  # the demo's stage-1 warm-up, shortened for runs under 5x that
-DEMO_DIT_MINUTES = 13.5  # the demo's two MicroDiT stages on the idle VM (benchmarks/RESULTS.md, run F: 9.4 + 4.1)
+DEMO_DIT_MINUTES = 11.4  # the demo's two MicroDiT stages, launchers included, on the idle VM (RESULTS.md: 8.1 + 3.4)
 
 
 @dataclass(frozen=True)
@@ -218,15 +219,15 @@ def write_outputs(out: Path, results: list[dict], calibration: dict, args) -> No
     protocol = (f"Protocol: shapes checker, {args.num_samples} prompts per set (seed 1000), EDM Heun {args.steps} "
                 f"steps, guidance {args.guidance}; EMA weights of the finetune stage.")
     (out / "token_budget.md").write_text("\n".join(lines) + "\n\n" + protocol + "\n")
-    figure, axes = plt.subplots(1, len(PROMPT_SETS), figsize=(5 * len(PROMPT_SETS), 3.8), sharey=True)
-    for axis, name in zip(axes, PROMPT_SETS):
+    panels = {f"{name}: all correct": (lambda r, name=name: r["scores"][f"shapes/{name}/all"]) for name in PROMPT_SETS}
+    panels["validation loss (fixed sigmas)"] = lambda r: r["validation_loss"]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8))
+    for axis, (title, value) in zip(axes, panels.items()):
         for arm in ARMS:
-            points = sorted((r["budget"] * DEMO_DIT_MINUTES, r["scores"][f"shapes/{name}/all"])
-                            for r in results if r["arm"] == arm)
+            points = sorted((r["budget"] * DEMO_DIT_MINUTES, value(r)) for r in results if r["arm"] == arm)
             if points:
                 axis.plot(*zip(*points), "o-", label=arm)
-        axis.set(title=name, xlabel="budget (minutes of the idle 2-core VM, calibrated)")
-    axes[0].set_ylabel("all correct")
+        axis.set(title=title, xlabel="budget (minutes of the idle 2-core VM)")
     axes[-1].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out / "token_budget.png", dpi=120)

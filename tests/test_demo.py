@@ -50,8 +50,8 @@ def test_the_pipeline_file_holds_the_measured_demo(monkeypatch):
         monkeypatch.setattr(compat, "cpu_has_amx", lambda amx=amx: amx)
         assert autoencoder.model.cpu_bf16 is amx
     assert [autoencoder.trainer[key] for key in ("max_duration", "eval_interval", "save_interval")] == ["1200ba"] * 3
-    assert pretrain.trainer.max_duration == "1000ba" and pretrain.model.train_mask_ratio == 0.5
-    assert finetune.trainer.max_duration == "1300ba" and finetune.callbacks.ema.ema_start == "1000ba"
+    assert pretrain.trainer.max_duration == "1500ba" and pretrain.model.train_mask_ratio == 0.5
+    assert finetune.trainer.max_duration == "1950ba" and finetune.callbacks.ema.ema_start == "1500ba"
     assert pretrain.model.text_encoder_name == finetune.model.text_encoder_name == "minilm-16"
     args = report_arguments()
     settings = {name: args[args.index(name) + 1] for name in ("--num-samples", "--steps", "--guidance")}
