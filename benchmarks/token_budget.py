@@ -199,11 +199,9 @@ def scores(run_dir: Path) -> dict[str, float]:
 
 def write_outputs(out: Path, results: list[dict], calibration: dict, args) -> None:
     """results.json, the markdown table and the plot of all-correct rate per set against budget minutes."""
-    import matplotlib
+    from micro_diffusion.eval.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     (out / "results.json").write_text(json.dumps({"calibration": calibration, "results": results}, indent=2) + "\n")
     header = ["budget (x demo)", "~idle min", "arm", "stage-1 batches", "stage-2 batches", "stage-1 FLOPs/img (M)",
               "wall (min)", "validation loss", *PROMPT_SETS]
@@ -229,9 +227,7 @@ def write_outputs(out: Path, results: list[dict], calibration: dict, args) -> No
                 axis.plot(*zip(*points), "o-", label=arm)
         axis.set(title=title, xlabel="budget (minutes of the idle 2-core VM)")
     axes[-1].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(out / "token_budget.png", dpi=120)
-    plt.close(figure)
+    save_figure(figure, out / "token_budget.png")
 
 
 def main() -> None:

@@ -160,7 +160,7 @@ def plot_scores_by_set(
 ) -> Path:
     """Grouped bars: for each prompt set (keys of `scores`), the rate of each criterion it has; `targets` (set ->
     all-correct target) are drawn as marks over the sets' "all" bars."""
-    plt = _pyplot()
+    plt = pyplot()
     criteria = list(dict.fromkeys(name for score in scores.values() for name in score))
     figure, axis = plt.subplots(figsize=(max(6, 1.2 * len(criteria) * len(scores) / 2), 4))
     width = 0.8 / len(scores)
@@ -176,10 +176,10 @@ def plot_scores_by_set(
     axis.set(ylim=(0, 1), ylabel="rate over the set's prompts",
              title=title + (" (dashes: all-correct targets)" if targets else ""))
     axis.legend(fontsize=8)
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
-def _pyplot():
+def pyplot():
     """matplotlib.pyplot on the file-only backend (imported here: only the plots need it)."""
     import matplotlib
 
@@ -189,11 +189,12 @@ def _pyplot():
     return plt
 
 
-def _save_figure(figure, path: str | os.PathLike) -> Path:
+def save_figure(figure, path: str | os.PathLike) -> Path:
+    """Lays out, writes (PNG at 120 dpi) and closes `figure`; returns the path."""
     path = Path(path)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    _pyplot().close(figure)
+    pyplot().close(figure)
     return path
 
 
@@ -217,7 +218,7 @@ _LOGGED_LOSS = re.compile(r"\[metric\]\[batch=(\d+)\]: (loss/train/total|metrics
 def plot_loss_curves(runs: Sequence[Path], path: str | os.PathLike, title: str = "", smoothing: int = 25) -> Path:
     """Plot the training loss (mean of `smoothing` batches) and validation loss of training runs, one run per
     folder holding the `metrics.txt` of Composer's file logger, on a log scale over the batch count."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(7, 4))
     for run in runs:
         series: dict[str, dict[int, float]] = {}
@@ -235,4 +236,4 @@ def plot_loss_curves(runs: Sequence[Path], path: str | os.PathLike, title: str =
                 axis.plot(steps, values, "o-", lw=2, label=f"{Path(run).name}: validation (fixed sigmas)")
     axis.set(xlabel="batch", ylabel="EDM loss", yscale="log", title=title)
     axis.legend(fontsize=7)
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
