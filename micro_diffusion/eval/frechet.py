@@ -94,12 +94,14 @@ class FeatureStatistics:
         self._covariance_sqrt = None
 
     def _keep_sample(self, features: Tensor, ids: Tensor) -> None:
-        """Keep the `max_stored` features (N, D) of smallest hash key of their ids (N,), ordered by id."""
+        """Keep the `max_stored` features (N, D) of smallest hash key of their ids (N,), ordered by id. One gather
+        of the features, so at the cap the update holds the kept sample at most three times (old, `features`, new)."""
         if len(ids) > self.max_stored:
             kept = torch.argsort(_hash_keys(ids, self.seed))[: self.max_stored]
-            features, ids = features[kept], ids[kept]
-        order = torch.argsort(ids)
-        self._stored, self._stored_ids = features[order], ids[order]
+            index = kept[torch.argsort(ids[kept])]
+        else:
+            index = torch.argsort(ids)
+        self._stored, self._stored_ids = features[index], ids[index]
 
     @property
     def mean(self) -> Tensor:
