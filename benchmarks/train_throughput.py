@@ -134,6 +134,7 @@ def time_composer(model, inputs, mask_ratio: float, steps: int, device: str, com
     gpu = device == "cuda"
     trainer = Trainer(
         model=composer_model, train_dataloader=[tuple(tensor.cpu() for tensor in inputs)] * (steps + 1),
+        device_train_microbatch_size=len(inputs[0]),  # the list of batches has no batch_size for Composer to read
         max_duration=f"{steps + 1}ba", optimizers=build_adamw(composer_model, 1e-4, 0.0, (0.9, 0.999), 1e-8),
         device="gpu" if gpu else "cpu", precision="amp_bf16" if gpu else "fp32", callbacks=[clock],
         parallelism_config={"fsdp": dict(FSDP_CONFIG)} if gpu else None, progress_bar=False,
