@@ -198,10 +198,10 @@ def scores(run_dir: Path) -> dict[str, float]:
 
 
 def write_outputs(out: Path, results: list[dict], calibration: dict, args) -> None:
-    """results.json, the markdown table and the plot of all-correct rate per set against budget minutes."""
+    """results.json, the markdown table, and the plot of all-correct rate per set and validation loss against
+    budget minutes."""
     from micro_diffusion.eval.report import pyplot, save_figure
 
-    plt = pyplot()
     (out / "results.json").write_text(json.dumps({"calibration": calibration, "results": results}, indent=2) + "\n")
     header = ["budget (x demo)", "~idle min", "arm", "stage-1 batches", "stage-2 batches", "stage-1 FLOPs/img (M)",
               "wall (min)", "validation loss", *PROMPT_SETS]
@@ -219,7 +219,7 @@ def write_outputs(out: Path, results: list[dict], calibration: dict, args) -> No
     (out / "token_budget.md").write_text("\n".join(lines) + "\n\n" + protocol + "\n")
     panels = {f"{name}: all correct": (lambda r, name=name: r["scores"][f"shapes/{name}/all"]) for name in PROMPT_SETS}
     panels["validation loss (fixed sigmas)"] = lambda r: r["validation_loss"]
-    figure, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8))
+    figure, axes = pyplot().subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8))
     for axis, (title, value) in zip(axes, panels.items()):
         for arm in ARMS:
             points = sorted((r["budget"] * DEMO_DIT_MINUTES, value(r)) for r in results if r["arm"] == arm)
