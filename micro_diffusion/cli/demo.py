@@ -92,6 +92,9 @@ def report(argv: list[str] | None) -> None:
     args = parser.parse_args(argv)
     try:
         holdout = Holdout.from_options(args.holdout_pairs, args.holdout_captions)
+    except ValueError as error:
+        parser.error(f"--holdout-pairs/--holdout-captions: {error}")
+    try:
         targets = {name: float(value) for name, value in (pair.split("=") for pair in args.targets or [])}
     except ValueError as error:
         parser.error(f"{error}; --targets takes SET=RATE pairs, e.g. seen_single=0.8")
